@@ -25,6 +25,7 @@ import re
 import shutil
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -270,6 +271,31 @@ def spark_settings(cfg: Config) -> dict:
     }
 
 
+SPARK_LOG_LEVELS = {"DEBUG": "info", "INFO": "warn", "WARNING": "error", "ERROR": "error"}
+# Loggers that warn on every local run about things the user cannot act on.
+NOISY_LOGGERS = ("org.apache.hadoop.util.NativeCodeLoader", "org.apache.spark.util.Utils",
+                 "org.apache.hadoop.metrics2.impl.MetricsConfig",
+                 "org.apache.spark.sql.catalyst.util.SparkStringUtils",
+                 "org.apache.spark.network.util.JavaUtils")
+
+
+def log4j2_config(level: str) -> str:
+    """A log4j2 configuration for the JVM etl.py launches itself: Spark at WARN (by default),
+    one short line per message, known noise off."""
+    lines = [f"rootLogger.level = {SPARK_LOG_LEVELS[level]}",
+             "rootLogger.appenderRef.stderr.ref = console",
+             "appender.console.type = Console", "appender.console.name = console",
+             "appender.console.target = SYSTEM_ERR", "appender.console.layout.type = PatternLayout",
+             "appender.console.layout.pattern = %d{HH:mm:ss} %p spark %c{1}: %m%n"]
+    if level != "DEBUG":
+        for i, name in enumerate(NOISY_LOGGERS):
+            lines += [f"logger.quiet{i}.name = {name}", f"logger.quiet{i}.level = error"]
+    path = os.path.join(tempfile.gettempdir(), f"sparkify-log4j2-{level.lower()}-{os.getuid()}.properties")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
 def build_spark(cfg: Config):
     """One SparkSession for the run.  spark-submit decides the master; locally it is local[*]."""
     from pyspark.sql import SparkSession
@@ -279,8 +305,12 @@ def build_spark(cfg: Config):
     builder = SparkSession.builder.appName("sparkify-etl")
     for key, value in spark_settings(cfg).items():
         builder = builder.config(key, value)
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:
+        # etl.py launches the JVM itself (python etl.py, not spark-submit): its logging is ours.
+        builder = builder.config("spark.driver.extraJavaOptions",
+                                 f"-Dlog4j2.configurationFile=file:{log4j2_config(cfg.log_level)}")
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel("INFO" if cfg.log_level == "DEBUG" else "ERROR")
+    spark.sparkContext.setLogLevel(SPARK_LOG_LEVELS[cfg.log_level].upper())
     return spark
 
 
@@ -498,18 +528,38 @@ def fingerprint(files: Iterable[str]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def split_rejects(raw, required: Sequence[str], source: str, extra_rules=()):
-    """Split a parsed input into (good rows, rejects).  A reject is a malformed line (kept as its
-    raw text) or a record missing a required field / failing a rule (kept as its JSON)."""
+def ts_in_range():
     from pyspark.sql import functions as F
 
-    data_cols = [c for c in raw.columns if c not in (CORRUPT, "_file")]
+    return F.col("ts").isNull() | F.col("ts").between(0, MAX_TS_MS)
+
+
+def tag_rejects(raw, required: Sequence[str], rules=()):
+    """Add _reason: why a row is rejected (a malformed line, a missing required field, a broken
+    rule), or null for a good row."""
+    from pyspark.sql import functions as F
+
     reason = F.when(F.col(CORRUPT).isNotNull(), F.lit("malformed JSON or wrong type"))
     for c in required:
         reason = reason.when(F.col(c).isNull(), F.lit(f"missing {c}"))
-    for cond, text in extra_rules:
+    for cond, text in rules:
         reason = reason.when(~cond, F.lit(text))
-    tagged = raw.withColumn("_reason", reason)
+    return raw.withColumn("_reason", reason)
+
+
+def count_rejects(tagged) -> tuple:
+    """(records, rejected) in one pass."""
+    from pyspark.sql import functions as F
+
+    row = tagged.agg(F.count(F.lit(1)), F.count("_reason")).collect()[0]
+    return int(row[0]), int(row[1])
+
+
+def split_tagged(tagged, source: str):
+    """(good rows, rejects); a reject keeps its raw line, or its JSON when it parsed."""
+    from pyspark.sql import functions as F
+
+    data_cols = [c for c in tagged.columns if c not in (CORRUPT, "_file", "_reason")]
     good = tagged.filter(F.col("_reason").isNull()).drop("_reason", CORRUPT)
     rejects = tagged.filter(F.col("_reason").isNotNull()).select(
         F.lit(source).alias("input"),
@@ -520,15 +570,20 @@ def split_rejects(raw, required: Sequence[str], source: str, extra_rules=()):
     return good, rejects
 
 
+def tag_songs(raw):
+    return tag_rejects(raw, ("song_id", "artist_id"))
+
+
+def tag_logs(raw):
+    return tag_rejects(raw, ("ts",), [(ts_in_range(), "ts out of range")])
+
+
 def song_rejects_split(raw):
-    return split_rejects(raw, ("song_id", "artist_id"), "song_data")
+    return split_tagged(tag_songs(raw), "song_data")
 
 
 def log_rejects_split(raw):
-    from pyspark.sql import functions as F
-
-    ts_ok = F.col("ts").isNull() | F.col("ts").between(0, MAX_TS_MS)
-    return split_rejects(raw, ("ts",), "log_data", extra_rules=[(ts_ok, "ts out of range")])
+    return split_tagged(tag_logs(raw), "log_data")
 
 
 def _completeness(*cols):
@@ -838,12 +893,15 @@ class Stages:
         self.t0 = time.perf_counter()
         self.seconds = {}
 
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
     def run(self, name: str, fn: Callable, *args, **kwargs):
-        log.info("%s ...", name)
+        log.debug("%s ...", name)
         t = time.perf_counter()
         out = fn(*args, **kwargs)
         self.seconds[name] = time.perf_counter() - t
-        log.info("%s done in %.1fs (total %.1fs)", name, self.seconds[name], time.perf_counter() - self.t0)
+        log.info("%-16s %6.1fs   (total %.1fs)", name, self.seconds[name], time.perf_counter() - self.t0)
         return out
 
 
@@ -900,84 +958,136 @@ def versions(spark) -> dict:
     return {"etl": __version__, "spark": spark.version, "python": sys.version.split()[0]}
 
 
-def run(cfg: Config, spark) -> int:
-    """The whole job on a session: extract, transform, check, load, summarize."""
+@dataclass
+class Extracted:
+    """The parsed inputs (persisted: each input is read once), split into good rows and rejects."""
+    songs: object
+    logs: object
+    song_rejects: object
+    log_rejects: object
+    song_files: list
+    log_files: list
+    rejects: dict
+
+
+def extract(spark, storage: Storage, cfg: Config, stages: Stages, keep: list) -> Extracted:
+    """Read song_data and log_data once, with explicit schemas; count records and rejects."""
     from pyspark import StorageLevel
-    from pyspark.sql import functions as F
 
-    started = utc_now()
-    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
-    stages = Stages()
-    storage = Storage(spark)
-    cfg.input, cfg.output = normalize_path(cfg.input), normalize_path(cfg.output)
-
-    # ---- extract
     song_root = check_input(storage, cfg.input, "song_data")
     log_root = check_input(storage, cfg.input, "log_data")
     songs_raw = read_json(spark, [song_root], song_schema())
     logs_raw = read_json(spark, log_paths(storage, log_root, cfg.months), log_schema())
     song_files, log_files = songs_raw.inputFiles(), logs_raw.inputFiles()
-    for name, files, root in (("song_data", song_files, song_root), ("log_data", log_files, log_root)):
+    for files, root in ((song_files, song_root), (log_files, log_root)):
         if not files:
             raise UsageError(f"no .json files under {root}; check --input")
-    songs_raw = songs_raw.persist(StorageLevel.MEMORY_AND_DISK)
-    logs_raw = logs_raw.persist(StorageLevel.MEMORY_AND_DISK)
+    songs_tagged, logs_tagged = tag_songs(songs_raw), tag_logs(logs_raw)
+    songs_tagged, logs_tagged = (keep_df(keep, df.persist(StorageLevel.MEMORY_AND_DISK))
+                                 for df in (songs_tagged, logs_tagged))
+    song_counts, log_counts = stages.run("read input", lambda: (count_rejects(songs_tagged),
+                                                                count_rejects(logs_tagged)))
+    rejects = {}
+    for src, files, (records, rejected) in (("song_data", song_files, song_counts),
+                                            ("log_data", log_files, log_counts)):
+        rejects[src] = {"files": len(files), "records": records, "rejected": rejected,
+                        "fraction": round(rejected / records, 6) if records else 0.0}
+    songs, song_rej = split_tagged(songs_tagged, "song_data")
+    logs, log_rej = split_tagged(logs_tagged, "log_data")
+    return Extracted(songs, in_months(logs, cfg.months), song_rej, log_rej, song_files, log_files,
+                     rejects)
 
-    songs_good, song_rej = song_rejects_split(songs_raw)
-    logs_good, log_rej = log_rejects_split(logs_raw)
-    if cfg.months:
-        logs_good = in_months(logs_good, cfg.months)
-    rej_counts = stages.run("read input", _count_inputs, songs_raw, logs_raw, song_rej, log_rej)
-    rejects = {"song_data": {"files": len(song_files), "records": rej_counts[0], "rejected": rej_counts[2]},
-               "log_data": {"files": len(log_files), "records": rej_counts[1], "rejected": rej_counts[3]}}
-    for src, r in rejects.items():
-        frac = r["rejected"] / r["records"] if r["records"] else 0.0
-        r["fraction"] = round(frac, 6)
-        if frac > cfg.max_bad_fraction:
-            sample = song_rej if src == "song_data" else log_rej
-            ex = sample.limit(1).collect()
-            where = f"; e.g. {ex[0]['file']}: {ex[0]['reason']}" if ex else ""
+
+def keep_df(keep: list, df):
+    keep.append(df)
+    return df
+
+
+def check_reject_share(x: Extracted, max_bad_fraction: float) -> None:
+    for src, r in x.rejects.items():
+        if r["fraction"] > max_bad_fraction:
+            sample = (x.song_rejects if src == "song_data" else x.log_rejects).limit(1).collect()
+            where = f"; e.g. {sample[0]['file']}: {sample[0]['reason']}" if sample else ""
             raise CheckFailed(f"{r['rejected']:,} of {r['records']:,} {src} records are malformed "
-                              f"({frac:.2%} > --max-bad-fraction {cfg.max_bad_fraction:g}){where}; "
-                              "nothing written")
+                              f"({r['fraction']:.2%} > --max-bad-fraction {max_bad_fraction:g})"
+                              f"{where}; nothing written")
 
-    # ---- transform
-    spark.conf.set("spark.sql.shuffle.partitions",
-                   str(shuffle_partitions(rej_counts[0] + rej_counts[1], spark.sparkContext.defaultParallelism)))
-    records = song_records(songs_good)
-    events = events_with_user(logs_good)
-    play_rows = plays(events)
-    previous_users = None
-    state_path = f"{cfg.output}/_state/users"
-    if cfg.months and storage.exists(state_path):
-        previous_users = spark.read.parquet(state_path)
-    ustate = users_state(events, previous_users).persist(StorageLevel.MEMORY_AND_DISK)
+
+def build_tables(x: Extracted, previous_users, tolerance: float, keep: list):
+    """All five tables (persisted: the checks and the writes share them) and the users state."""
+    from pyspark import StorageLevel
+
+    records = song_records(x.songs)
+    events = events_with_user(x.logs)
+    ustate = keep_df(keep, users_state(events, previous_users).persist(StorageLevel.MEMORY_AND_DISK))
     tables = {
-        "songplays": songplays_table(play_rows, records, cfg.duration_tolerance),
+        "songplays": songplays_table(plays(events), records, tolerance),
         "users": ustate.select(*USER_COLS),
         "songs": songs_table(records),
-        "artists": artists_table(songs_good),
+        "artists": artists_table(x.songs),
     }
     tables["time"] = time_table(tables["songplays"])
-    tables = {k: v.persist(StorageLevel.MEMORY_AND_DISK) for k, v in tables.items()}
-    counts = stages.run("build tables", lambda: {k: v.count() for k, v in tables.items()})
-    expected_plays = events.filter(F.col("page") == "NextSong").select(
-        "user_id", "sessionId", "itemInSession", "ts").distinct().count()
+    tables = {k: keep_df(keep, v.persist(StorageLevel.MEMORY_AND_DISK)) for k, v in tables.items()}
+    return tables, ustate, events
 
-    # ---- check
-    checks = stages.run("quality checks", run_checks, tables, expected_plays, counts)
-    failed = [c for c in checks if not c.ok]
-    if failed:
-        print_summary(cfg, run_id, counts, {}, {}, rejects, checks, time.perf_counter() - stages.t0)
-        raise CheckFailed("quality check failed, nothing written: "
-                          + "; ".join(f"{c.name} ({c.detail})" for c in failed))
 
-    files, seconds = {}, {}
-    if not cfg.dry_run:
-        files, seconds = load(spark, storage, cfg, run_id, tables, ustate, song_rej, log_rej, stages,
-                              started, counts, rejects, checks, song_files, log_files)
-    print_summary(cfg, run_id, counts, files, seconds, rejects, checks, time.perf_counter() - stages.t0)
-    return EXIT_OK
+def distinct_plays(events) -> int:
+    from pyspark.sql import functions as F
+
+    return (events.filter(F.col("page") == "NextSong")
+            .select("user_id", "sessionId", "itemInSession", "ts").distinct().count())
+
+
+def run(cfg: Config, spark) -> int:
+    """The whole job on a session: extract, transform, check, load, summarize."""
+    started = utc_now()
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+    stages = Stages()
+    storage = Storage(spark)
+    cfg.input, cfg.output = normalize_path(cfg.input), normalize_path(cfg.output)
+    keep: list = []
+    lock = None if cfg.dry_run else acquire_lock(storage, cfg.output, run_id, cfg)
+    try:
+        x = extract(spark, storage, cfg, stages, keep)
+        check_reject_share(x, cfg.max_bad_fraction)
+        records = sum(r["records"] for r in x.rejects.values())
+        spark.conf.set("spark.sql.shuffle.partitions",
+                       str(shuffle_partitions(records, spark.sparkContext.defaultParallelism)))
+        state_path = f"{cfg.output}/_state/users"
+        previous_users = (spark.read.parquet(state_path)
+                          if cfg.months and storage.exists(state_path) else None)
+        tables, ustate, events = build_tables(x, previous_users, cfg.duration_tolerance, keep)
+        counts = stages.run("build tables", lambda: {k: v.count() for k, v in tables.items()})
+        checks = stages.run("quality checks", run_checks, tables, distinct_plays(events), counts)
+        failed = [c for c in checks if not c.ok]
+        if failed:
+            print_summary(cfg, run_id, counts, {}, {}, x.rejects, checks, stages.elapsed())
+            raise CheckFailed("quality check failed, nothing written: "
+                              + "; ".join(f"{c.name} ({c.detail})" for c in failed))
+        files, seconds = {}, {}
+        if not cfg.dry_run:
+            manifest = {
+                "run_id": run_id, "started": started, "mode": "incremental" if cfg.months else "full",
+                "months": cfg.months,
+                "input": {"path": cfg.input,
+                          "song_data": {"files": len(x.song_files), "fingerprint": fingerprint(x.song_files)},
+                          "log_data": {"files": len(x.log_files), "fingerprint": fingerprint(x.log_files)}},
+                "output": cfg.output,
+                "options": {"duration_tolerance": cfg.duration_tolerance,
+                            "max_bad_fraction": cfg.max_bad_fraction},
+                "rejects": x.rejects,
+                "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks],
+                "versions": versions(spark),
+            }
+            extra = {"_state/users": ustate, "_rejects": x.song_rejects.unionByName(x.log_rejects)}
+            files, seconds = load(storage, cfg, run_id, tables, extra, counts, manifest, stages)
+        print_summary(cfg, run_id, counts, files, seconds, x.rejects, checks, stages.elapsed())
+        return EXIT_OK
+    finally:
+        for df in keep:
+            df.unpersist()
+        if lock:
+            storage.delete(lock)
 
 
 def shuffle_partitions(records: int, parallelism: int) -> int:
@@ -987,53 +1097,27 @@ def shuffle_partitions(records: int, parallelism: int) -> int:
     return max(parallelism, min(2000, -(-records // 250_000)))
 
 
-def _count_inputs(songs_raw, logs_raw, song_rej, log_rej):
-    return songs_raw.count(), logs_raw.count(), song_rej.count(), log_rej.count()
-
-
-def load(spark, storage, cfg, run_id, tables, ustate, song_rej, log_rej, stages, started, counts,
-         rejects, checks, song_files, log_files):
+def load(storage: Storage, cfg: Config, run_id: str, tables: dict, extra: dict, counts: dict,
+         manifest: dict, stages: Stages):
     """Stage every table under _staging/<run>, publish them, then write the manifest last."""
     out = cfg.output
     staging, trash = f"{out}/_staging/{run_id}", f"{out}/_trash/{run_id}"
-    lock = acquire_lock(storage, out, run_id, cfg)
-    files, seconds = {}, {}
+    seconds = {}
     try:
         for name in TABLES:
             t = time.perf_counter()
             stages.run(f"write {name}", write_table, tables[name], f"{staging}/{name}", PARTITIONS[name])
             seconds[name] = time.perf_counter() - t
-        stages.run("write state", write_table, ustate, f"{staging}/_state/users", ())
-        rej = song_rej.unionByName(log_rej)
-        stages.run("write rejects", write_table, rej, f"{staging}/_rejects", (), fmt="json")
-        monthly = {}
-        for name in TABLES:
-            if cfg.months and name in MONTHLY_TABLES:
-                monthly[name] = partition_dirs(storage, f"{staging}/{name}", len(PARTITIONS[name]))
-        for name in TABLES:
+        stages.run("write state", write_table, extra["_state/users"], f"{staging}/_state/users", ())
+        stages.run("write rejects", write_table, extra["_rejects"], f"{staging}/_rejects", (), fmt="json")
+        monthly = {name: partition_dirs(storage, f"{staging}/{name}", len(PARTITIONS[name]))
+                   for name in MONTHLY_TABLES if cfg.months}
+        for name in (*TABLES, "_state/users", "_rejects"):
             publish(storage, f"{staging}/{name}", f"{out}/{name}", f"{trash}/{name}", monthly.get(name, ()))
-        publish(storage, f"{staging}/_state/users", f"{out}/_state/users", f"{trash}/_state_users")
-        publish(storage, f"{staging}/_rejects", f"{out}/_rejects", f"{trash}/_rejects")
         table_files = {name: storage.data_files(f"{out}/{name}") for name in TABLES}
-        files = {name: len(v) for name, v in table_files.items()}
-        manifest = {
-            "run_id": run_id,
-            "started": started,
-            "ended": utc_now(),
-            "mode": "incremental" if cfg.months else "full",
-            "months": cfg.months,
-            "input": {"path": cfg.input,
-                      "song_data": {"files": len(song_files), "fingerprint": fingerprint(song_files)},
-                      "log_data": {"files": len(log_files), "fingerprint": fingerprint(log_files)}},
-            "output": out,
-            "options": {"duration_tolerance": cfg.duration_tolerance,
-                        "max_bad_fraction": cfg.max_bad_fraction},
-            "tables": {name: {"rows": counts[name], "partition_by": list(PARTITIONS[name]),
-                              "files": table_files[name]} for name in TABLES},
-            "rejects": rejects,
-            "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks],
-            "versions": versions(spark),
-        }
+        manifest = dict(manifest, ended=utc_now(), tables={
+            name: {"rows": counts[name], "partition_by": list(PARTITIONS[name]),
+                   "files": table_files[name]} for name in TABLES})
         # The manifest is the commit marker: written last, in one piece.
         storage.write_text(f"{out}/_manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
         storage.delete(trash)
@@ -1041,13 +1125,15 @@ def load(spark, storage, cfg, run_id, tables, ustate, song_rej, log_rej, stages,
         storage.delete(staging)
         storage.delete_if_empty(f"{out}/_staging")
         storage.delete_if_empty(f"{out}/_trash")
-        storage.delete(lock)
-    return files, seconds
+    return {name: len(v) for name, v in table_files.items()}, seconds
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.propagate = False
     log.setLevel(getattr(logging, level))
 
 
@@ -1060,6 +1146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(cfg.log_level)
     spark = None
     try:
+        preflight(cfg)
         spark = build_spark(cfg)
         return run(cfg, spark)
     except UsageError as e:
@@ -1068,9 +1155,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CheckFailed as e:
         print(f"etl.py: check failed: {e}", file=sys.stderr)
         return EXIT_CHECK_FAILED
+    except Exception as e:  # a Java or Python failure: one line here, the trace at DEBUG
+        log.debug("traceback", exc_info=True)
+        print(f"etl.py: error: {describe_failure(e)}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         if spark is not None:
             spark.stop()
+
+
+def preflight(cfg: Config) -> None:
+    """Fail fast, before the JVM starts, on what can be checked without Spark."""
+    if is_local_path(cfg.input):
+        root = normalize_path(cfg.input)
+        if not os.path.isdir(root):
+            raise UsageError(f"input path {root} does not exist; pass --input DIR holding "
+                             "song_data/ and log_data/")
+        for name in ("song_data", "log_data"):
+            if not os.path.isdir(os.path.join(root, name)):
+                raise UsageError(f"{os.path.join(root, name)} does not exist; the input root must "
+                                 "hold song_data/ and log_data/")
+    if is_local_path(cfg.output) and os.path.isfile(normalize_path(cfg.output)):
+        raise UsageError(f"output path {cfg.output} is a file; pass a directory")
+
+
+def describe_failure(e: BaseException) -> str:
+    """The first meaningful line of an exception, Java's included, without the stack trace."""
+    text = str(getattr(e, "desc", None) or e) or type(e).__name__
+    java = getattr(e, "java_exception", None)
+    if java is not None:
+        text = str(java.toString())
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return f"{first[:300]} (run with --log-level DEBUG for the full trace)"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,92 @@
+"""One SparkSession for the whole suite, deliberately in a non-UTC time zone (JVM and session)
+and with ANSI mode on, so that every test also proves the job does not depend on either."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import etl  # noqa: E402
+
+SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+SAMPLE = os.path.join(ROOT, "data")
+NON_UTC = "America/Los_Angeles"
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    etl.ensure_java()
+    builder = (SparkSession.builder.master("local[2]").appName("sparkify-tests")
+               .config("spark.driver.extraJavaOptions", f"-Duser.timezone={NON_UTC}")
+               .config("spark.executor.extraJavaOptions", f"-Duser.timezone={NON_UTC}")
+               .config("spark.sql.shuffle.partitions", "2")
+               .config("spark.ui.enabled", "false")
+               .config("spark.sql.ansi.enabled", "true"))
+    for key, value in etl.spark_settings(etl.Config()).items():
+        builder = builder.config(key, value)
+    session = builder.getOrCreate()
+    session.sparkContext.setLogLevel("ERROR")
+    # The session time zone too: the transforms must not rely on spark_settings' UTC.
+    session.conf.set("spark.sql.session.timeZone", NON_UTC)
+    yield session
+    session.stop()
+
+
+@pytest.fixture(autouse=True)
+def _restore_session_conf(request):
+    """Tests that change the session's SQL settings get them back afterwards."""
+    yield
+    if "spark" in request.fixturenames:
+        s = request.getfixturevalue("spark")
+        s.conf.set("spark.sql.shuffle.partitions", "2")
+        s.conf.set("spark.sql.session.timeZone", NON_UTC)
+
+
+LOG_FIELDS = [f.name for f in etl.log_schema().fields if f.name != etl.CORRUPT]
+SONG_FIELDS = [f.name for f in etl.song_schema().fields if f.name != etl.CORRUPT]
+
+
+def event(**kw):
+    """One log event with sensible defaults (a NextSong play by user 1)."""
+    base = dict(artist="Artist", auth="Logged In", firstName="Ann", gender="F", itemInSession=0,
+                lastName="Lee", length=200.0, level="free", location="Here", method="PUT",
+                page="NextSong", registration=1.5e12, sessionId=1, song="Song", status=200,
+                ts=1541990258796, userAgent="UA", userId="1")
+    base.update(kw)
+    return tuple(base[f] for f in LOG_FIELDS)
+
+
+def song(**kw):
+    base = dict(num_songs=1, artist_id="AR1", artist_latitude=None, artist_longitude=None,
+                artist_location="", artist_name="Artist", song_id="SO1", title="Song",
+                duration=200.0, year=2000)
+    base.update(kw)
+    return tuple(base[f] for f in SONG_FIELDS)
+
+
+def _schema_without_corrupt(schema):
+    from pyspark.sql import types as T
+
+    return T.StructType([f for f in schema.fields if f.name != etl.CORRUPT])
+
+
+@pytest.fixture
+def events_df(spark):
+    def make(*rows):
+        return spark.createDataFrame(list(rows), _schema_without_corrupt(etl.log_schema()))
+    return make
+
+
+@pytest.fixture
+def songs_df(spark):
+    def make(*rows):
+        return spark.createDataFrame(list(rows), _schema_without_corrupt(etl.song_schema()))
+    return make

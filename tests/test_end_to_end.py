@@ -1,0 +1,190 @@
+"""The whole job, for real: the sample (in process and through the CLI) and the full catalogue."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+from conftest import ROOT, SAMPLE, SHARED_DATA
+
+import etl
+
+TYPES = {
+    "songplays": {"songplay_id": "bigint", "start_time": "timestamp", "user_id": "bigint",
+                  "level": "string", "song_id": "string", "artist_id": "string",
+                  "session_id": "bigint", "location": "string", "user_agent": "string",
+                  "year": "int", "month": "int"},
+    "users": {"user_id": "bigint", "first_name": "string", "last_name": "string",
+              "gender": "string", "level": "string"},
+    "songs": {"song_id": "string", "title": "string", "artist_id": "string", "year": "int",
+              "duration": "double"},
+    "artists": {"artist_id": "string", "name": "string", "location": "string",
+                "latitude": "double", "longitude": "double"},
+    "time": {"start_time": "timestamp", "hour": "int", "day": "int", "week": "int", "month": "int",
+             "year": "int", "weekday": "int"},
+}
+
+
+def run_job(spark, input_dir, output_dir, *extra):
+    cfg = etl.load_config(["--input", str(input_dir), "--output", str(output_dir), *extra], environ={})
+    return etl.run(cfg, spark)
+
+
+def read_tables(spark, out):
+    return {t: spark.read.parquet(os.path.join(out, t)) for t in etl.TABLES}
+
+
+@pytest.fixture(scope="module")
+def sample_lake(spark, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lake") / "output"
+    assert run_job(spark, SAMPLE, out) == 0
+    return str(out)
+
+
+def test_sample_figures(spark, sample_lake):
+    t = read_tables(spark, sample_lake)
+    counts = {name: df.count() for name, df in t.items()}
+    assert counts == {"songplays": 6820, "users": 97, "songs": 71, "artists": 69, "time": 6813}
+    assert t["songplays"].filter("song_id IS NOT NULL").count() == 1
+    assert t["songplays"].filter("artist_id IS NOT NULL").count() == 1
+
+
+def test_sample_column_types(spark, sample_lake):
+    for name, df in read_tables(spark, sample_lake).items():
+        assert {f.name: f.dataType.simpleString() for f in df.schema.fields} == TYPES[name], name
+
+
+def test_partition_directories_hold_one_parquet_file_each(sample_lake):
+    layouts = {"songplays": "year=*/month=*", "songs": "year=*/artist_id=*", "time": "year=*/month=*"}
+    for table, pattern in layouts.items():
+        dirs = glob.glob(os.path.join(sample_lake, table, pattern))
+        assert dirs, table
+        for d in dirs:
+            assert len(glob.glob(os.path.join(d, "*.parquet"))) == 1, d
+    assert sorted(os.path.basename(d) for d in glob.glob(os.path.join(sample_lake, "songplays", "year=*"))) == ["year=2018"]
+    assert len(glob.glob(os.path.join(sample_lake, "songs", "year=*", "artist_id=*"))) == 69
+    for table in ("users", "artists"):
+        assert len(glob.glob(os.path.join(sample_lake, table, "*.parquet"))) == 1
+
+
+def test_manifest_is_written_last_and_describes_the_run(sample_lake):
+    path = os.path.join(sample_lake, "_manifest.json")
+    manifest = json.load(open(path))
+    assert {t: manifest["tables"][t]["rows"] for t in etl.TABLES} == {
+        "songplays": 6820, "users": 97, "songs": 71, "artists": 69, "time": 6813}
+    assert manifest["input"]["song_data"]["files"] == 71
+    assert manifest["input"]["log_data"]["files"] == 30
+    assert all(c["ok"] for c in manifest["checks"]) and len(manifest["checks"]) >= 10
+    assert manifest["versions"]["spark"]
+    data = [f for t in etl.TABLES for f in glob.glob(os.path.join(sample_lake, t, "**", "*.parquet"),
+                                                       recursive=True)]
+    listed = [os.path.join(sample_lake, t, f) for t in etl.TABLES for f in manifest["tables"][t]["files"]]
+    assert sorted(listed) == sorted(data)
+    assert os.path.getmtime(path) >= max(os.path.getmtime(f) for f in data)
+    assert not os.path.exists(os.path.join(sample_lake, "_staging"))
+    assert not os.path.exists(os.path.join(sample_lake, "_lock.json"))
+
+
+def test_dry_run_writes_nothing(spark, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_job(spark, SAMPLE, out, "--dry-run") == 0
+    assert not out.exists()
+    assert "dry run" in capsys.readouterr().out
+
+
+# ---- the command line, as a user runs it
+
+
+def cli(*args, cwd=None, timeout=300):
+    env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable)
+    for k in ("SPARKIFY_INPUT", "SPARKIFY_OUTPUT"):
+        env.pop(k, None)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "etl.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_default_run_writes_sample_tables_and_prints_summary(tmp_path):
+    r = cli(cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "output"
+    for t in etl.TABLES:
+        assert (out / t).is_dir()
+    assert (out / "_manifest.json").is_file()
+    lines = r.stdout.splitlines()
+    table_lines = {ln.split()[0]: ln.split()[1:] for ln in lines if ln.strip() and ln.split()[0] in etl.TABLES}
+    assert table_lines["songplays"][0] == "6,820" and table_lines["time"][0] == "6,813"
+    for t, (rows, files, seconds) in table_lines.items():
+        assert int(files.replace(",", "")) >= 1 and float(seconds) >= 0, t
+    assert "checks: 20 of 20 passed" in r.stdout
+    assert "Traceback" not in r.stderr and " WARN " not in r.stderr
+
+
+def test_cli_missing_input_exits_2_with_one_line(tmp_path):
+    r = cli("--input", "/no/such/dir", "--output", str(tmp_path / "o"))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0
+    assert "/no/such/dir" in r.stderr and "does not exist" in r.stderr
+
+
+def test_cli_input_without_json_files_exits_2(tmp_path):
+    for d in ("song_data/A", "log_data/2018"):
+        (tmp_path / "in" / d).mkdir(parents=True)
+    (tmp_path / "in" / "song_data" / "A" / "notes.txt").write_text("not json")
+    r = cli("--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"))
+    assert r.returncode == 2, r.stderr
+    assert "no .json files" in r.stderr
+    assert "Traceback" not in r.stderr and "at org.apache" not in r.stderr
+
+
+def test_cli_help_documents_every_flag():
+    r = cli("--help")
+    assert r.returncode == 0
+    for flag in ("--input", "--output", "--config", "--months", "--duration-tolerance", "--dry-run",
+                 "--log-level", "--max-bad-fraction", "--force"):
+        assert flag in r.stdout, flag
+
+
+def test_cli_bad_option_values_exit_2(tmp_path):
+    for args in (["--months", "2018-13"], ["--max-bad-fraction", "2"], ["--duration-tolerance", "-1"],
+                 ["--config", str(tmp_path / "missing.cfg")]):
+        r = cli(*args)
+        assert r.returncode == 2, args
+        assert r.stderr.strip().splitlines()[-1].startswith(("etl.py: error:", "usage:")), args
+
+
+# ---- the full song catalogue (14,896 files) with the sample logs
+
+
+@pytest.fixture(scope="module")
+def full_input(tmp_path_factory):
+    archive = os.path.join(SHARED_DATA, "song_data_full.tar.gz")
+    if not os.path.isfile(archive):
+        pytest.fail(f"{archive} is missing: the full catalogue test needs ../shared/data")
+    root = tmp_path_factory.mktemp("full")
+    with tarfile.open(archive) as tar:
+        tar.extractall(root)
+    found = [d for d in glob.glob(str(root / "**" / "song_data"), recursive=True)]
+    assert len(found) == 1, found
+    inp = root / "input"
+    inp.mkdir()
+    os.symlink(found[0], inp / "song_data")
+    os.symlink(os.path.join(SAMPLE, "log_data"), inp / "log_data")
+    return inp
+
+
+@pytest.mark.slow
+def test_full_catalogue(spark, full_input, tmp_path):
+    out = tmp_path / "lake"
+    assert run_job(spark, full_input, out) == 0
+    t = read_tables(spark, str(out))
+    assert t["songs"].count() == 14896
+    assert t["artists"].count() == 9553
+    assert t["songplays"].count() == 6820
+    assert t["songplays"].filter("song_id IS NOT NULL").count() == 319
+    dirs = glob.glob(str(out / "songs" / "year=*" / "artist_id=*"))
+    files = glob.glob(str(out / "songs" / "year=*" / "artist_id=*" / "*.parquet"))
+    assert len(files) == len(dirs) > 9000

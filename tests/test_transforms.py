@@ -1,0 +1,197 @@
+"""Unit tests of the §3 rules on small inline DataFrames."""
+from __future__ import annotations
+
+import datetime as dt
+
+from conftest import event, song
+
+import etl
+
+UTC = dt.timezone.utc
+
+
+def ms(*args) -> int:
+    return int(dt.datetime(*args, tzinfo=UTC).timestamp() * 1000)
+
+
+def build_songplays(events, songs, tolerance=0.0):
+    good = etl.events_with_user(events)
+    return etl.songplays_table(etl.plays(good), etl.song_records(songs), tolerance)
+
+
+def rows(df, *cols):
+    return sorted(tuple(r) for r in df.select(*cols).collect())
+
+
+# ---- users
+
+
+def test_user_attributes_come_from_latest_event_even_when_it_is_not_a_play(events_df):
+    ev = events_df(
+        event(userId="7", ts=1000, level="free", lastName="Old", page="NextSong"),
+        event(userId="7", ts=3000, level="paid", lastName="New", page="Home", song=None),
+        event(userId="7", ts=2000, level="free", lastName="Mid", page="NextSong", itemInSession=1),
+    )
+    users = etl.users_table(etl.events_with_user(ev))
+    assert rows(users, "user_id", "last_name", "level") == [(7, "New", "paid")]
+
+
+def test_users_include_non_players_and_exclude_logged_out_events(events_df):
+    ev = events_df(
+        event(userId="3", page="Home", song=None),
+        event(userId="", page="Home", firstName=None, song=None),
+        event(userId="  ", page="NextSong"),
+        event(userId="4"),
+    )
+    users = etl.users_table(etl.events_with_user(ev))
+    assert rows(users, "user_id") == [(3,), (4,)]
+
+
+def test_incremental_users_merge_keeps_the_latest_event(events_df):
+    old = etl.users_state(etl.events_with_user(events_df(
+        event(userId="1", ts=5000, level="paid"), event(userId="2", ts=100, level="free"))))
+    new = etl.events_with_user(events_df(
+        event(userId="1", ts=4000, level="free"), event(userId="2", ts=200, level="paid")))
+    users = etl.users_table(new, previous_state=old)
+    assert rows(users, "user_id", "level") == [(1, "paid"), (2, "paid")]
+
+
+# ---- songplays and the song match
+
+
+def test_event_delivered_twice_is_counted_once(events_df, songs_df):
+    e = event(userId="1", sessionId=5, itemInSession=2, ts=10_000)
+    sp = build_songplays(events_df(e, e, event(userId="1", sessionId=5, itemInSession=3, ts=10_001)),
+                         songs_df(song()))
+    assert sp.count() == 2
+    assert sp.select("songplay_id").distinct().count() == 2
+
+
+def test_non_nextsong_and_logged_out_events_are_not_plays(events_df, songs_df):
+    sp = build_songplays(events_df(event(page="Home"), event(userId=""), event(userId="1")),
+                         songs_df(song()))
+    assert sp.count() == 1
+
+
+def test_songs_tying_on_title_artist_duration_pick_smallest_song_id(events_df, songs_df):
+    songs = songs_df(song(song_id="SOB", artist_id="ARB"), song(song_id="SOA", artist_id="ARA"),
+                     song(song_id="SOC", artist_id="ARC"))
+    sp = build_songplays(events_df(event()), songs)
+    assert rows(sp, "song_id", "artist_id") == [("SOA", "ARA")]
+
+
+def test_match_requires_equal_duration_unless_tolerance_widens_it(events_df, songs_df):
+    ev = events_df(event(length=200.0))
+    songs = songs_df(song(song_id="SO_FAR", duration=200.9), song(song_id="SO_NEAR", duration=200.4))
+    exact = build_songplays(ev, songs)
+    assert rows(exact, "song_id", "artist_id") == [(None, None)]
+    widened = build_songplays(ev, songs, tolerance=1.0)
+    assert rows(widened, "song_id") == [("SO_NEAR",)]  # closest duration wins
+    narrow = build_songplays(ev, songs, tolerance=0.5)
+    assert rows(narrow, "song_id") == [("SO_NEAR",)]
+
+
+def test_match_needs_title_and_artist(events_df, songs_df):
+    ev = events_df(event(song="Song", artist="Other"), event(song="Other", itemInSession=1))
+    sp = build_songplays(ev, songs_df(song()))
+    assert rows(sp, "song_id") == [(None,), (None,)]
+
+
+def test_many_candidates_never_multiply_plays(events_df, songs_df):
+    songs = songs_df(*[song(song_id=f"SO{i}", artist_id=f"AR{i}") for i in range(5)],
+                     song(song_id="SO1", artist_id="AR1"))  # and a repeated song record
+    ev = events_df(*[event(itemInSession=i) for i in range(3)])
+    sp = build_songplays(ev, songs)
+    assert sp.count() == 3
+    assert rows(sp, "song_id") == [("SO0",)] * 3
+
+
+def test_songplay_id_is_stable_across_shuffle_partitioning(spark):
+    logs = etl.read_json(spark, [f"{etl.DEFAULT_INPUT}/log_data"], etl.log_schema())
+    songs = etl.read_json(spark, [f"{etl.DEFAULT_INPUT}/song_data"], etl.song_schema())
+    good_logs, _ = etl.log_rejects_split(logs)
+    good_songs, _ = etl.song_rejects_split(songs)
+
+    def ids(partitions):
+        spark.conf.set("spark.sql.shuffle.partitions", str(partitions))
+        sp = build_songplays(good_logs.repartition(partitions), good_songs)
+        return sorted(tuple(r) for r in sp.selectExpr(
+            "user_id", "session_id", "unix_millis(start_time)", "songplay_id").collect())
+
+    one, seven = ids(1), ids(7)
+    assert len(one) == 6820
+    assert one == seven
+
+
+def test_songplay_id_depends_on_every_identity_field(events_df, songs_df):
+    base = dict(userId="1", sessionId=1, itemInSession=1, ts=1000)
+    variants = [base] + [dict(base, **{k: v}) for k, v in
+                         (("userId", "2"), ("sessionId", 2), ("itemInSession", 2), ("ts", 1001))]
+    sp = build_songplays(events_df(*[event(**v) for v in variants]), songs_df(song()))
+    assert sp.select("songplay_id").distinct().count() == 5
+    assert sp.filter("songplay_id < 0").count() == 0
+
+
+# ---- time
+
+
+def test_time_fields_are_utc_iso_under_a_non_utc_time_zone(spark, events_df, songs_df):
+    assert spark.conf.get("spark.sql.session.timeZone") != "UTC"
+    jvm_tz = spark._jvm.java.util.TimeZone.getDefault().getID()
+    assert jvm_tz != "UTC"
+    last_ms = ms(2018, 12, 31, 23, 59, 59) + 999
+    sp = build_songplays(events_df(event(ts=last_ms), event(ts=ms(2018, 11, 4, 9, 30), itemInSession=1)),
+                         songs_df(song()))
+    time_rows = etl.time_table(sp).selectExpr(
+        "unix_millis(start_time)", "hour", "day", "week", "month", "year", "weekday").collect()
+    assert sorted(tuple(r) for r in time_rows) == [
+        (ms(2018, 11, 4, 9, 30), 9, 4, 44, 11, 2018, 7),  # a Sunday
+        (last_ms, 23, 31, 1, 12, 2018, 1),  # Monday of ISO week 1 of 2019
+    ]
+    assert sorted(rows(sp, "year", "month")) == [(2018, 11), (2018, 12)]
+
+
+def test_time_has_one_row_per_distinct_start_time(events_df, songs_df):
+    sp = build_songplays(events_df(event(userId="1", ts=5000), event(userId="2", ts=5000),
+                                   event(userId="3", ts=6000)), songs_df(song()))
+    assert etl.time_table(sp).count() == 2
+
+
+# ---- songs and artists
+
+
+def test_songs_one_row_per_song_id_most_complete_record(songs_df):
+    songs = etl.songs_table(etl.song_records(songs_df(
+        song(song_id="SO1", title="Zed", duration=None), song(song_id="SO1", title="Zed", duration=10.0),
+        song(song_id="SO2", year=0))))
+    assert rows(songs, "song_id", "title", "duration", "year") == [
+        ("SO1", "Zed", 10.0, 2000), ("SO2", "Song", 200.0, 0)]
+
+
+def test_artists_one_row_per_artist_most_complete_record(songs_df):
+    artists = etl.artists_table(songs_df(
+        song(song_id="SO1", artist_id="AR1", artist_name="A", artist_location=""),
+        song(song_id="SO2", artist_id="AR1", artist_name="A feat. B", artist_location="Paris",
+             artist_latitude=48.8, artist_longitude=2.3),
+        song(song_id="SO3", artist_id="AR1", artist_name="A", artist_location="Lyon"),
+        song(song_id="SO4", artist_id="AR2", artist_name="B", artist_location="Rome"),
+        song(song_id="SO5", artist_id="AR2", artist_name="B2", artist_location="Milan"),
+    ))
+    assert rows(artists, "artist_id", "name", "location", "latitude") == [
+        ("AR1", "A feat. B", "Paris", 48.8), ("AR2", "B", "Rome", None)]
+
+
+# ---- schemas
+
+
+def test_every_table_matches_the_declared_schema(spark, events_df, songs_df):
+    ev = etl.events_with_user(events_df(event()))
+    so = songs_df(song())
+    rec = etl.song_records(so)
+    sp = etl.songplays_table(etl.plays(ev), rec)
+    built = {"songplays": sp, "users": etl.users_table(ev), "songs": etl.songs_table(rec),
+             "artists": etl.artists_table(so), "time": etl.time_table(sp)}
+    for name, schema in etl.output_schemas().items():
+        got = [(f.name, f.dataType.simpleString()) for f in built[name].schema.fields]
+        want = [(f.name, f.dataType.simpleString()) for f in schema.fields]
+        assert got == want, name
