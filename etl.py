@@ -29,7 +29,8 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Callable
 
 __version__ = "1.0.0"
 
@@ -903,11 +904,10 @@ def acquire_lock(storage: Storage, output: str, run_id: str, cfg: Config) -> str
     info = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "since": utc_now(),
             "since_epoch": time.time()}
     if storage.exists(lock):
-        held = {}
         try:
             held = json.loads(storage.read_text(lock) or "{}")
         except ValueError:
-            pass
+            held = {}
         age = time.time() - float(held.get("since_epoch", 0))
         if not cfg.force and age < cfg.lock_timeout:
             raise UsageError(
