@@ -258,7 +258,6 @@ def spark_settings(cfg: Config) -> dict:
     return {
         # All time fields are UTC; the transforms do not depend on it, display does.
         "spark.sql.session.timeZone": "UTC",
-        "spark.sql.sources.partitionOverwriteMode": "dynamic",
         "spark.sql.adaptive.enabled": "true",
         "spark.sql.adaptive.coalescePartitions.enabled": "true",
         "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
@@ -373,7 +372,21 @@ class Storage:
             stream.close()
 
     def write_text(self, path: str, text: str, overwrite: bool = True) -> None:
-        """Write a small text file; with overwrite=False fail if it exists (used for the lock)."""
+        """Write a small text file in one piece: readers see the old or the new text, never half.
+        With overwrite=False fail if it exists (the lock).  On S3 one PUT is atomic already."""
+        if is_local_path(path):
+            local = normalize_path(path)
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            if not overwrite:
+                fd = os.open(local, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(text)
+                return
+            tmp = f"{local}.{uuid.uuid4().hex[:8]}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, local)
+            return
         stream = self._fs(path).create(self._path(path), overwrite)
         try:
             stream.write(bytearray(text.encode("utf-8")))
@@ -837,29 +850,17 @@ def write_table(df, path: str, partition_by: Sequence[str], fmt: str = "parquet"
     if partition_by:
         out = df.repartition(*[F.col(c) for c in partition_by])
     else:
-        out = df.coalesce(1)
-    writer = out.sortWithinPartitions(*df.columns[:1]).write.mode("overwrite")
+        out = df.repartition(1)
+    # A fresh staging directory: static mode writes straight into it (dynamic mode would stage
+    # every partition directory once more and rename it at commit).
+    writer = (out.sortWithinPartitions(*df.columns[:1]).write.mode("overwrite")
+              .option("partitionOverwriteMode", "static"))
     if partition_by:
         writer = writer.partitionBy(*partition_by)
     if fmt == "json":
         writer.json(path)
     else:
         writer.parquet(path)
-
-
-def publish(storage: Storage, staged: str, target: str, trash: str, partitions: Sequence[str] = ()) -> None:
-    """Move a staged table into place.  Without partitions the whole table is swapped; with
-    partitions (an incremental run) only the staged partition directories are."""
-    if not partitions:
-        if storage.exists(target):
-            storage.rename(target, trash)
-        storage.rename(staged, target)
-        return
-    for rel in partitions:
-        src, dst = f"{staged}/{rel}", f"{target}/{rel}"
-        if storage.exists(dst):
-            storage.rename(dst, f"{trash}/{rel}")
-        storage.rename(src, dst)
 
 
 def partition_dirs(storage: Storage, root: str, depth: int) -> list:
@@ -898,6 +899,18 @@ def utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError):
+        return True  # unknown: assume alive
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def acquire_lock(storage: Storage, output: str, run_id: str, cfg: Config) -> str:
     """Refuse a second writer of the same output; a stale lock needs --force or its timeout."""
     lock = f"{output}/_lock.json"
@@ -909,7 +922,8 @@ def acquire_lock(storage: Storage, output: str, run_id: str, cfg: Config) -> str
         except ValueError:
             held = {}
         age = time.time() - float(held.get("since_epoch", 0))
-        if not cfg.force and age < cfg.lock_timeout:
+        dead = held.get("host") == socket.gethostname() and not pid_alive(held.get("pid"))
+        if not cfg.force and not dead and age < cfg.lock_timeout:
             raise UsageError(
                 f"{output} is locked by run {held.get('run_id')} (host {held.get('host')}, pid "
                 f"{held.get('pid')}) since {held.get('since')}; wait for it, or pass --force if "
@@ -992,13 +1006,15 @@ def keep_df(keep: list, df):
 
 
 def check_reject_share(x: Extracted, max_bad_fraction: float) -> None:
-    for src, r in x.rejects.items():
-        if r["fraction"] > max_bad_fraction:
-            sample = (x.song_rejects if src == "song_data" else x.log_rejects).limit(1).collect()
-            where = f"; e.g. {sample[0]['file']}: {sample[0]['reason']}" if sample else ""
-            raise CheckFailed(f"{r['rejected']:,} of {r['records']:,} {src} records are malformed "
-                              f"({r['fraction']:.2%} > --max-bad-fraction {max_bad_fraction:g})"
-                              f"{where}; nothing written")
+    """Fail when the rejected share of all input records passes max_bad_fraction."""
+    records = sum(r["records"] for r in x.rejects.values())
+    rejected = sum(r["rejected"] for r in x.rejects.values())
+    share = rejected / records if records else 0.0
+    if share > max_bad_fraction:
+        sample = x.song_rejects.unionByName(x.log_rejects).limit(1).collect()
+        where = f"; e.g. {sample[0]['file']}: {sample[0]['reason']}" if sample else ""
+        raise CheckFailed(f"{rejected:,} of {records:,} input records are malformed ({share:.2%} > "
+                          f"--max-bad-fraction {max_bad_fraction:g}){where}; nothing written")
 
 
 def build_tables(x: Extracted, previous_users, tolerance: float, keep: list):
@@ -1036,6 +1052,8 @@ def run(cfg: Config, spark) -> int:
     keep: list = []
     lock = None if cfg.dry_run else acquire_lock(storage, cfg.output, run_id, cfg)
     try:
+        if lock:
+            recover_publish(spark, storage, cfg.output)
         x = extract(spark, storage, cfg, stages, keep)
         check_reject_share(x, cfg.max_bad_fraction)
         records = sum(r["records"] for r in x.rejects.values())
@@ -1094,12 +1112,18 @@ def parquet_files(spark, root: str, table: str) -> list:
     return sorted(f.split(prefix, 1)[1] if prefix in f else f for f in files)
 
 
+JOURNAL = "_publishing.json"
+
+
 def load(spark, storage: Storage, cfg: Config, run_id: str, tables: dict, extra: dict, counts: dict,
          manifest: dict, stages: Stages):
-    """Stage every table under _staging/<run>, publish them, then write the manifest last."""
+    """Stage every table under _staging/<run>, then publish: a journal of the moves is written
+    first, so that a run interrupted while publishing is completed by the next one; the manifest
+    is written last and is the commit marker."""
     out = cfg.output
     staging, trash = f"{out}/_staging/{run_id}", f"{out}/_trash/{run_id}"
     seconds = {}
+    published = False
     try:
         for name in TABLES:
             t = time.perf_counter()
@@ -1107,22 +1131,60 @@ def load(spark, storage: Storage, cfg: Config, run_id: str, tables: dict, extra:
             seconds[name] = time.perf_counter() - t
         stages.run("write state", write_table, extra["_state/users"], f"{staging}/_state/users", ())
         stages.run("write rejects", write_table, extra["_rejects"], f"{staging}/_rejects", (), fmt="json")
-        monthly = {name: partition_dirs(storage, f"{staging}/{name}", len(PARTITIONS[name]))
-                   for name in MONTHLY_TABLES if cfg.months}
+        moves = []
         for name in (*TABLES, "_state/users", "_rejects"):
-            publish(storage, f"{staging}/{name}", f"{out}/{name}", f"{trash}/{name}", monthly.get(name, ()))
-        table_files = {name: parquet_files(spark, f"{out}/{name}", name) for name in TABLES}
-        manifest = dict(manifest, ended=utc_now(), tables={
-            name: {"rows": counts[name], "partition_by": list(PARTITIONS[name]),
-                   "files": table_files[name]} for name in TABLES})
-        # The manifest is the commit marker: written last, in one piece.
-        storage.write_text(f"{out}/_manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
-        storage.delete(trash)
-    finally:
+            rels = (partition_dirs(storage, f"{staging}/{name}", len(PARTITIONS[name]))
+                    if cfg.months and name in MONTHLY_TABLES else [""])
+            for rel in rels:
+                sub = f"/{rel}" if rel else ""
+                moves.append([f"{staging}/{name}{sub}", f"{out}/{name}{sub}", f"{trash}/{name}{sub}"])
+        journal = {"run_id": run_id, "staging": staging, "trash": trash, "moves": moves,
+                   "manifest": dict(manifest, rows=counts)}
+        storage.write_text(f"{out}/{JOURNAL}", json.dumps(journal))
+        published = True  # from here on the staged tables belong to the journal
+        files = stages.run("publish", finish_publish, spark, storage, out, journal)
         storage.delete(staging)
         storage.delete_if_empty(f"{out}/_staging")
-        storage.delete_if_empty(f"{out}/_trash")
-    return {name: len(v) for name, v in table_files.items()}, seconds
+    except BaseException:
+        if not published:
+            storage.delete(staging)
+            storage.delete_if_empty(f"{out}/_staging")
+        raise
+    return files, seconds
+
+
+def finish_publish(spark, storage: Storage, out: str, journal: dict) -> dict:
+    """Carry out a publish journal; every step can be repeated, so an interrupted publish is
+    completed by running this again."""
+    for src, dst, old in journal["moves"]:
+        if storage.exists(src):
+            if storage.exists(dst):
+                storage.delete(old)
+                storage.rename(dst, old)
+            storage.rename(src, dst)
+    manifest = dict(journal["manifest"])
+    counts = manifest.pop("rows")
+    table_files = {name: parquet_files(spark, f"{out}/{name}", name) for name in TABLES}
+    manifest.update(ended=utc_now(), tables={
+        name: {"rows": counts[name], "partition_by": list(PARTITIONS[name]), "files": table_files[name]}
+        for name in TABLES})
+    storage.write_text(f"{out}/_manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+    storage.delete(f"{out}/{JOURNAL}")
+    storage.delete(journal["trash"])
+    storage.delete_if_empty(f"{out}/_trash")
+    return {name: len(v) for name, v in table_files.items()}
+
+
+def recover_publish(spark, storage: Storage, out: str) -> None:
+    """Complete the publish of a run that was interrupted after staging all its tables."""
+    text = storage.read_text(f"{out}/{JOURNAL}")
+    if text is None:
+        return
+    journal = json.loads(text)
+    log.warning("completing the publish of interrupted run %s", journal["run_id"])
+    finish_publish(spark, storage, out, journal)
+    storage.delete(journal["staging"])
+    storage.delete_if_empty(f"{out}/_staging")
 
 
 def setup_logging(level: str) -> None:
@@ -1134,17 +1196,19 @@ def setup_logging(level: str) -> None:
     log.setLevel(getattr(logging, level))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, spark=None) -> int:
+    """The command line.  With spark given (tests), that session is used and left running."""
     try:
         cfg = load_config(argv)
     except UsageError as e:
         print(f"etl.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     setup_logging(cfg.log_level)
-    spark = None
+    own = spark is None
     try:
         preflight(cfg)
-        spark = build_spark(cfg)
+        if own:
+            spark = build_spark(cfg)
         return run(cfg, spark)
     except UsageError as e:
         print(f"etl.py: error: {e}", file=sys.stderr)
@@ -1157,7 +1221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"etl.py: error: {describe_failure(e)}", file=sys.stderr)
         return EXIT_USAGE
     finally:
-        if spark is not None:
+        if own and spark is not None:
             spark.stop()
 
 

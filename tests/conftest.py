@@ -90,3 +90,23 @@ def songs_df(spark):
     def make(*rows):
         return spark.createDataFrame(list(rows), _schema_without_corrupt(etl.song_schema()))
     return make
+
+
+def run_job(spark, input_dir, output_dir, *extra):
+    """The job in process on the shared session, as `etl.py --input … --output …` runs it."""
+    cfg = etl.load_config(["--input", str(input_dir), "--output", str(output_dir), *extra], environ={})
+    return etl.run(cfg, spark)
+
+
+def read_tables(spark, out):
+    return {t: spark.read.parquet(os.path.join(str(out), t)) for t in etl.TABLES}
+
+
+def table_rows(spark, out):
+    """Every table's rows, sorted, timestamps as epoch milliseconds: for whole-table equality."""
+    result = {}
+    for name, df in read_tables(spark, out).items():
+        cols = [f"unix_millis({c}) AS {c}" if t == "timestamp" else c for c, t in df.dtypes]
+        result[name] = sorted((tuple(r) for r in df.selectExpr(*sorted(cols)).collect()),
+                              key=lambda r: tuple((v is None, v) for v in r))
+    return result

@@ -9,7 +9,7 @@ import sys
 import tarfile
 
 import pytest
-from conftest import ROOT, SAMPLE, SHARED_DATA
+from conftest import ROOT, SAMPLE, SHARED_DATA, read_tables, run_job
 
 import etl
 
@@ -27,15 +27,6 @@ TYPES = {
     "time": {"start_time": "timestamp", "hour": "int", "day": "int", "week": "int", "month": "int",
              "year": "int", "weekday": "int"},
 }
-
-
-def run_job(spark, input_dir, output_dir, *extra):
-    cfg = etl.load_config(["--input", str(input_dir), "--output", str(output_dir), *extra], environ={})
-    return etl.run(cfg, spark)
-
-
-def read_tables(spark, out):
-    return {t: spark.read.parquet(os.path.join(out, t)) for t in etl.TABLES}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,292 @@
+"""SPEC §6: nothing lost, nothing half-written, safe to rerun, one writer at a time."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, SAMPLE, read_tables, run_job, table_rows
+
+import etl
+
+DAY_MS = 86_400_000
+
+
+def snapshot(out):
+    """Every file under out with its size, mtime and (for the manifest) content."""
+    snap = {}
+    for d, _, files in os.walk(out):
+        for f in files:
+            p = os.path.join(d, f)
+            snap[os.path.relpath(p, out)] = (os.path.getsize(p), os.path.getmtime(p))
+    with open(os.path.join(out, "_manifest.json")) as f:
+        snap["manifest"] = f.read()
+    return snap
+
+
+def copy_input(tmp_path, name="in"):
+    inp = tmp_path / name
+    shutil.copytree(SAMPLE, inp, ignore=shutil.ignore_patterns("SOURCE.txt"))
+    return inp
+
+
+def main(spark, *args):
+    return etl.main(list(map(str, args)), spark=spark)
+
+
+@pytest.fixture(scope="module")
+def good_lake(spark, tmp_path_factory):
+    """A lake from a successful run, copied fresh for each test that needs a previous output."""
+    out = tmp_path_factory.mktemp("good") / "lake"
+    assert run_job(spark, SAMPLE, out) == 0
+    return out
+
+
+@pytest.fixture
+def previous(good_lake, tmp_path):
+    out = tmp_path / "lake"
+    shutil.copytree(good_lake, out)
+    return out
+
+
+# ---- §6.3 bad input
+
+
+def test_malformed_lines_are_rejected_with_their_raw_text_and_good_rows_load(spark, tmp_path):
+    inp = copy_input(tmp_path)
+    log_file = inp / "log_data" / "2018" / "11" / "2018-11-12-events.json"
+    lines = log_file.read_text().splitlines()
+    play = json.loads(next(ln for ln in lines if '"NextSong"' in ln))
+    play.update(itemInSession=999, ts="not-a-number")
+    truncated = '{"artist":"Pavement","auth":"Logged In","firstName":"Sylvie","gender":"F","itemInSe'
+    wrong_type = json.dumps(play)
+    log_file.write_text("\n".join([*lines, truncated, wrong_type]) + "\n")
+    broken_song = '{"num_songs": 1, "artist_id": "ARBROKEN", "song_id": "SOBROKEN", "title": "Half'
+    (inp / "song_data" / "A" / "A" / "A" / "TRBROKEN.json").write_text(broken_song)
+    out = tmp_path / "lake"
+
+    assert main(spark, "--input", inp, "--output", out) == 0
+
+    rejects = [json.loads(ln) for f in sorted((out / "_rejects").glob("*.json"))
+               for ln in f.read_text().splitlines()]
+    assert sorted(r["line"] for r in rejects) == sorted([truncated, wrong_type, broken_song])
+    files = {os.path.basename(r["file"]) for r in rejects}
+    assert files == {"2018-11-12-events.json", "TRBROKEN.json"}
+    counts = {t: df.count() for t, df in read_tables(spark, out).items()}
+    assert counts == {"songplays": 6820, "users": 97, "songs": 71, "artists": 69, "time": 6813}
+    with open(out / "_manifest.json") as f:
+        manifest = json.load(f)
+    assert manifest["rejects"]["log_data"]["rejected"] == 2
+    assert manifest["rejects"]["song_data"]["rejected"] == 1
+    assert manifest["rejects"]["log_data"]["records"] == 8058
+    # no row of nulls got in
+    assert read_tables(spark, out)["songs"].filter("song_id IS NULL OR title IS NULL").count() == 0
+
+
+def test_too_many_bad_records_exit_1_and_write_nothing(spark, tmp_path, capsys):
+    inp = copy_input(tmp_path)
+    log_file = inp / "log_data" / "2018" / "11" / "2018-11-12-events.json"
+    with open(log_file, "a") as f:
+        f.writelines(f"garbage line {i}\n" for i in range(200))
+    out = tmp_path / "lake"
+    assert main(spark, "--input", inp, "--output", out) == 1
+    err = capsys.readouterr().err
+    assert "malformed" in err and "--max-bad-fraction" in err
+    assert not any((out / t).exists() for t in etl.TABLES)
+    assert not (out / "_manifest.json").exists()
+    # the same input passes with a looser threshold
+    assert main(spark, "--input", inp, "--output", out, "--max-bad-fraction", "0.05") == 0
+
+
+# ---- §6.4 quality gate
+
+
+def test_failed_quality_check_exits_1_names_it_and_keeps_previous_output(spark, previous, monkeypatch, capsys):
+    before = snapshot(previous)
+    real = etl.songs_table
+
+    def with_duplicate(records):
+        df = real(records)
+        return df.unionByName(df.orderBy("song_id").limit(1))
+
+    monkeypatch.setattr(etl, "songs_table", with_duplicate)
+    assert main(spark, "--input", SAMPLE, "--output", previous) == 1
+    err = capsys.readouterr().err
+    assert "songs.song_id unique" in err and "duplicated key SO" in err
+    assert snapshot(previous) == before
+
+
+# ---- §6.1 and §6.2 idempotence and crash safety
+
+
+def test_failure_while_writing_leaves_previous_output_unchanged(spark, previous, monkeypatch):
+    before = snapshot(previous)
+    real, calls = etl.write_table, []
+
+    def failing(df, path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 3:
+            raise RuntimeError("disk full (injected)")
+        return real(df, path, *a, **kw)
+
+    monkeypatch.setattr(etl, "write_table", failing)
+    assert main(spark, "--input", SAMPLE, "--output", previous) == 2
+    assert len(calls) == 3
+    assert snapshot(previous) == before
+    assert not (previous / "_staging").exists() and not (previous / "_lock.json").exists()
+    assert {t: df.count() for t, df in read_tables(spark, previous).items()}["songplays"] == 6820
+
+
+def test_interrupted_publish_is_completed_by_the_next_run(spark, previous, monkeypatch):
+    real, calls = etl.Storage.rename, []
+
+    def failing(self, src, dst):
+        calls.append(src)
+        if len(calls) == 4:
+            raise OSError("killed (injected)")
+        return real(self, src, dst)
+
+    monkeypatch.setattr(etl.Storage, "rename", failing)
+    assert main(spark, "--input", SAMPLE, "--output", previous) == 2
+    assert (previous / etl.JOURNAL).exists()
+    monkeypatch.setattr(etl.Storage, "rename", real)
+    with open(previous / etl.JOURNAL) as f:
+        interrupted = json.load(f)["run_id"]
+    # the next run (even a dry one would not) first completes the interrupted publish
+    assert main(spark, "--input", SAMPLE, "--output", previous) == 0
+    assert not (previous / etl.JOURNAL).exists()
+    for leftover in ("_staging", "_trash", "_lock.json"):
+        assert not (previous / leftover).exists(), leftover
+    counts = {t: df.count() for t, df in read_tables(spark, previous).items()}
+    assert counts == {"songplays": 6820, "users": 97, "songs": 71, "artists": 69, "time": 6813}
+    with open(previous / "_manifest.json") as f:
+        assert json.load(f)["run_id"] != interrupted
+
+
+def test_recover_publish_alone_completes_the_interrupted_run(spark, previous, monkeypatch):
+    real, calls = etl.Storage.rename, []
+
+    def failing(self, src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError("killed (injected)")
+        return real(self, src, dst)
+
+    monkeypatch.setattr(etl.Storage, "rename", failing)
+    assert main(spark, "--input", SAMPLE, "--output", previous) == 2
+    monkeypatch.setattr(etl.Storage, "rename", real)
+    with open(previous / etl.JOURNAL) as f:
+        interrupted = json.load(f)["run_id"]
+    etl.recover_publish(spark, etl.Storage(spark), str(previous))
+    with open(previous / "_manifest.json") as f:
+        manifest = json.load(f)
+    assert manifest["run_id"] == interrupted
+    listed = {t: sorted(manifest["tables"][t]["files"]) for t in etl.TABLES}
+    assert listed == {t: etl.parquet_files(spark, str(previous / t), t) for t in etl.TABLES}
+    assert not (previous / "_staging").exists()
+
+
+def test_two_runs_on_the_same_input_give_identical_tables(spark, good_lake, tmp_path):
+    out = tmp_path / "again"
+    spark.conf.set("spark.sql.shuffle.partitions", "5")
+    assert run_job(spark, SAMPLE, out) == 0
+    assert table_rows(spark, out) == table_rows(spark, good_lake)
+    # and rerunning onto the same output replaces it with the same tables
+    assert run_job(spark, SAMPLE, out) == 0
+    assert table_rows(spark, out) == table_rows(spark, good_lake)
+
+
+# ---- §6.5 incremental runs
+
+
+@pytest.fixture(scope="module")
+def two_months(tmp_path_factory):
+    """The sample logs with days 16-30 moved 30 days later, into log_data/2018/12/."""
+    inp = tmp_path_factory.mktemp("two") / "in"
+    shutil.copytree(os.path.join(SAMPLE, "song_data"), inp / "song_data")
+    src = os.path.join(SAMPLE, "log_data", "2018", "11")
+    for name in sorted(os.listdir(src)):
+        day = int(name[8:10])
+        with open(os.path.join(src, name)) as f:
+            events = [json.loads(ln) for ln in f if ln.strip()]
+        month = "11" if day <= 15 else "12"
+        target = inp / "log_data" / "2018" / month
+        target.mkdir(parents=True, exist_ok=True)
+        for e in events:
+            e["ts"] += 0 if month == "11" else 30 * DAY_MS
+        (target / f"2018-{month}-{day:02d}-events.json").write_text(
+            "".join(json.dumps(e) + "\n" for e in events))
+    return inp
+
+
+def test_month_by_month_equals_one_full_run(spark, two_months, tmp_path):
+    full, inc = tmp_path / "full", tmp_path / "inc"
+    assert run_job(spark, two_months, full) == 0
+    assert run_job(spark, two_months, inc, "--months", "2018-11") == 0
+    after_nov = read_tables(spark, inc)
+    assert after_nov["songplays"].filter("month = 12").count() == 0
+    assert run_job(spark, two_months, inc, "--months", "2018-12") == 0
+    expected = table_rows(spark, full)
+    assert sorted({r[-1] for r in expected["time"]}) == [2018]
+    assert table_rows(spark, inc) == expected
+    assert {r for r in table_rows(spark, full)["songplays"]} and len(expected["songplays"]) == 6820
+
+
+def test_rerunning_one_month_replaces_only_that_month(spark, two_months, tmp_path):
+    out = tmp_path / "lake"
+    assert run_job(spark, two_months, out) == 0
+    dec_dir = out / "songplays" / "year=2018" / "month=12"
+    nov_dir = out / "songplays" / "year=2018" / "month=11"
+    nov_files = sorted(os.listdir(nov_dir))
+    dec_files = sorted(os.listdir(dec_dir))
+    assert run_job(spark, two_months, out, "--months", "2018-12") == 0
+    assert sorted(os.listdir(nov_dir)) == nov_files  # untouched
+    assert sorted(os.listdir(dec_dir)) != dec_files  # replaced
+    assert read_tables(spark, out)["songplays"].count() == 6820
+
+
+# ---- §6.6 one writer at a time
+
+
+def test_second_concurrent_run_is_refused(spark, tmp_path, capsys):
+    out = tmp_path / "lake"
+    env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable)
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "etl.py"), "--output", str(out)],
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "_lock.json").exists():
+            assert first.poll() is None, first.communicate()
+            assert time.time() < deadline, "the first run never took the lock"
+            time.sleep(0.1)
+        assert main(spark, "--input", SAMPLE, "--output", out) == 2
+        err = capsys.readouterr().err
+        assert "locked by run" in err and f"pid {first.pid}" in err and "since" in err
+    finally:
+        stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    assert not (out / "_lock.json").exists()
+
+
+def test_stale_lock_is_taken_over_with_force_or_when_its_process_is_gone(spark, tmp_path, capsys):
+    out = tmp_path / "lake"
+    out.mkdir()
+    lock = out / "_lock.json"
+    live = {"run_id": "other", "host": "elsewhere", "pid": 1, "since": "2026-01-01T00:00:00Z",
+            "since_epoch": time.time()}
+    lock.write_text(json.dumps(live))
+    assert main(spark, "--input", SAMPLE, "--output", out, "--dry-run") == 0  # a dry run takes no lock
+    assert main(spark, "--input", SAMPLE, "--output", out) == 2
+    assert "host elsewhere" in capsys.readouterr().err
+    assert main(spark, "--input", SAMPLE, "--output", out, "--force") == 0
+    assert not lock.exists()
+    crashed = dict(live, host=etl.socket.gethostname(), pid=2 ** 22 + 12345)
+    lock.write_text(json.dumps(crashed))
+    assert main(spark, "--input", SAMPLE, "--output", out) == 0
+    old = dict(live, since_epoch=time.time() - 7 * 3600)
+    lock.write_text(json.dumps(old))
+    assert main(spark, "--input", SAMPLE, "--output", out) == 0
