@@ -436,9 +436,11 @@ def describe_aws_error(e: BaseException, bucket: str = "", endpoint: str | None 
 
 def s3_preflight(cfg: Config, path: str, must_hold: Sequence[str] = ()) -> None:
     """Check endpoint, credentials and bucket before the JVM starts (exit 2 with one line)."""
+    if on_emr():  # EMRFS and the instance profile: Spark itself is the authority there
+        return
     try:
         from botocore import exceptions as bex
-    except ImportError:  # no boto3 (e.g. a bare EMR image): Spark will tell
+    except ImportError:  # no boto3: Spark will tell
         return
     bucket, prefix = split_s3(path)
     client = s3_client(cfg)
@@ -1135,7 +1137,12 @@ def acquire_lock(storage: Storage, output: str, run_id: str, cfg: Config) -> str
         log.warning("taking over the lock of run %s (since %s)", held.get("run_id"), held.get("since"))
         storage.delete(lock)
     try:
-        storage.write_text(lock, json.dumps(info), overwrite=False)
+        if output.startswith("s3a://") and not on_emr():
+            # S3's conditional PUT (If-None-Match) makes taking the lock atomic across machines.
+            bucket, key = split_s3(lock)
+            s3_client(cfg).put_object(Bucket=bucket, Key=key, Body=json.dumps(info).encode(), IfNoneMatch="*")
+        else:
+            storage.write_text(lock, json.dumps(info), overwrite=False)
     except Exception:
         raise UsageError(f"{output} was locked by another run just now; try again later") from None
     return lock

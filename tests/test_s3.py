@@ -159,3 +159,18 @@ def test_cli_wrong_secret_or_dead_endpoint_exits_2_with_one_line(s3, sample_buck
     assert dead.stderr.strip().count("\n") == 0 and "cannot reach" in dead.stderr
     missing = tool("etl.py", "--input", f"s3a://{sample_bucket}/nothing-here", env_extra=s3.env())
     assert missing.returncode == 2 and "holds no objects" in missing.stderr
+
+
+def test_lock_on_s3_refuses_a_second_writer(spark, s3, sample_bucket, monkeypatch, capsys, tmp_path):
+    import time
+
+    monkeypatch.setenv("S3_ENDPOINT_URL", s3.endpoint)
+    cfg_file = tmp_path / "dl.cfg"  # the JVM is already running: keys reach it through dl.cfg's slot
+    cfg_file.write_text(f"[AWS]\nAWS_ACCESS_KEY_ID = {s3.access_key}\nAWS_SECRET_ACCESS_KEY = {s3.secret_key}\n")
+    held = {"run_id": "other-run", "host": "elsewhere", "pid": 1, "since": "now", "since_epoch": time.time()}
+    s3.client().put_object(Bucket=sample_bucket, Key="locked/_lock.json", Body=json.dumps(held).encode())
+    args = ["--config", str(cfg_file), "--input", f"s3a://{sample_bucket}/input",
+            "--output", f"s3a://{sample_bucket}/locked"]
+    assert etl.main(args, spark=spark) == 2
+    assert "locked by run other-run" in capsys.readouterr().err
+    s3.client().head_object(Bucket=sample_bucket, Key="locked/_lock.json")  # still theirs
