@@ -32,6 +32,9 @@ def spark():
                .config("spark.sql.ansi.enabled", "true"))
     for key, value in etl.spark_settings(etl.Config()).items():
         builder = builder.config(key, value)
+    # The job's fast local file system (compiled once where javac exists), as `python etl.py` uses it.
+    for key, value in etl.fast_local_fs_settings().items():
+        builder = builder.config(key, value)
     # The s3a connector (fetched from PyPI once, cached outside the repo) for the S3 tests.
     builder = builder.config("spark.jars", ",".join(etl.get_s3a_jars()))
     session = builder.getOrCreate()

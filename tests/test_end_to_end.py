@@ -63,6 +63,18 @@ def test_partition_directories_hold_one_parquet_file_each(sample_lake):
         assert len(glob.glob(os.path.join(sample_lake, table, "*.parquet"))) == 1
 
 
+def test_fast_local_file_system_is_used_and_sets_ordinary_permissions(spark, sample_lake):
+    import stat
+
+    assert etl.fast_local_fs_settings(), "javac is on this machine, so the fast file system must build"
+    fs = spark._jvm.org.apache.hadoop.fs.Path(sample_lake).getFileSystem(spark._jsc.hadoopConfiguration())
+    assert fs.getClass().getName() == etl.FAST_LOCAL_FS
+    part = glob.glob(os.path.join(sample_lake, "songs", "year=*", "artist_id=*", "*.parquet"))[0]
+    # Hadoop's default umask (fs.permissions.umask-mode) is 022
+    assert stat.S_IMODE(os.stat(part).st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(os.path.dirname(part)).st_mode) == 0o755
+
+
 def test_manifest_is_written_last_and_describes_the_run(sample_lake):
     path = os.path.join(sample_lake, "_manifest.json")
     with open(path) as f:
