@@ -107,7 +107,8 @@ def main(argv=None) -> None:
             shutil.rmtree(out, ignore_errors=True)
             wall, peak, r = timed(cmd(out), env)
             walls[name].append(wall)
-            print(f"run {i + 1} {name:<13} {wall:7.1f}s  peak RSS {peak:,.0f} MB", flush=True)
+            print(f"run {i + 1} {name:<13} {wall:7.1f}s  peak RSS {peak:,.0f} MB (Python side; JVM not counted)",
+                  flush=True)
             if name == "etl.py":
                 stages = re.findall(r"INFO (\w[\w ]*?)\s+([0-9.]+)s\s+\(total", r.stderr)
                 print("   stages: " + ", ".join(f"{s.strip()} {float(v):.1f}s" for s, v in stages))

@@ -141,22 +141,28 @@ def test_failure_while_writing_leaves_previous_output_unchanged(spark, previous,
     assert {t: df.count() for t, df in read_tables(spark, previous).items()}["songplays"] == 6820
 
 
-def test_interrupted_publish_is_completed_by_the_next_run(spark, previous, monkeypatch):
+def interrupt_publish(spark, out, monkeypatch, at_move):
+    """Run the job with the publish killed at its at_move-th move (the process dies there)."""
     real, calls = etl.Storage.rename, []
 
     def failing(self, src, dst):
         calls.append(src)
-        if len(calls) == 4:
+        if len(calls) == at_move:
             raise OSError("killed (injected)")
         return real(self, src, dst)
 
     monkeypatch.setattr(etl.Storage, "rename", failing)
-    assert main(spark, "--input", SAMPLE, "--output", previous) == 2
+    assert main(spark, "--input", SAMPLE, "--output", out) == 2
+
+
+def test_interrupted_publish_is_completed_by_the_next_run(spark, previous, monkeypatch):
+    real = etl.Storage.rename
+    interrupt_publish(spark, previous, monkeypatch, at_move=4)
     assert (previous / etl.JOURNAL).exists()
     monkeypatch.setattr(etl.Storage, "rename", real)
     with open(previous / etl.JOURNAL) as f:
         interrupted = json.load(f)["run_id"]
-    # the next run (even a dry one would not) first completes the interrupted publish
+    # the next run first completes the interrupted publish
     assert main(spark, "--input", SAMPLE, "--output", previous) == 0
     assert not (previous / etl.JOURNAL).exists()
     for leftover in ("_staging", "_trash", "_lock.json"):
@@ -168,16 +174,8 @@ def test_interrupted_publish_is_completed_by_the_next_run(spark, previous, monke
 
 
 def test_recover_publish_alone_completes_the_interrupted_run(spark, previous, monkeypatch):
-    real, calls = etl.Storage.rename, []
-
-    def failing(self, src, dst):
-        calls.append(src)
-        if len(calls) == 2:
-            raise OSError("killed (injected)")
-        return real(self, src, dst)
-
-    monkeypatch.setattr(etl.Storage, "rename", failing)
-    assert main(spark, "--input", SAMPLE, "--output", previous) == 2
+    real = etl.Storage.rename
+    interrupt_publish(spark, previous, monkeypatch, at_move=2)
     monkeypatch.setattr(etl.Storage, "rename", real)
     with open(previous / etl.JOURNAL) as f:
         interrupted = json.load(f)["run_id"]
