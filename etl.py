@@ -260,12 +260,12 @@ def on_emr() -> bool:
     return os.path.isdir("/usr/share/aws/emr") or os.path.isfile("/mnt/var/lib/info/instance.json")
 
 
-def normalize_path(path: str, emr: bool | None = None) -> str:
+def normalize_path(path: str) -> str:
     """Absolute local paths; s3:// becomes s3a:// off EMR (where s3:// is native); other URLs stay."""
     if is_local_path(path):
         return os.path.abspath(path[len("file://"):] if path.startswith("file://") else path)
     path = path.rstrip("/")
-    if path.startswith(("s3://", "s3n://")) and not (on_emr() if emr is None else emr):
+    if path.startswith(("s3://", "s3n://")) and not on_emr():
         path = "s3a://" + path.split("://", 1)[1]
     return path
 
@@ -1405,13 +1405,10 @@ def load(spark, storage: Storage, cfg: Config, run_id: str, tables: dict, extra:
     is written last and is the commit marker."""
     out = cfg.output
     staging, trash = f"{out}/_staging/{run_id}", f"{out}/_trash/{run_id}"
-    seconds = {}
     published = False
     try:
         for name in TABLES:
-            t = time.perf_counter()
             stages.run(f"write {name}", write_table, tables[name], f"{staging}/{name}", PARTITIONS[name])
-            seconds[name] = time.perf_counter() - t
         stages.run("write state", write_table, extra["_state/users"], f"{staging}/_state/users", ())
         stages.run("write rejects", write_table, extra["_rejects"], f"{staging}/_rejects", (), fmt="json")
         moves = []
@@ -1433,7 +1430,7 @@ def load(spark, storage: Storage, cfg: Config, run_id: str, tables: dict, extra:
             storage.delete(staging)
             storage.delete_if_empty(f"{out}/_staging")
         raise
-    return files, seconds
+    return files, {name: stages.seconds[f"write {name}"] for name in TABLES}
 
 
 def finish_publish(spark, storage: Storage, out: str, journal: dict) -> dict:
