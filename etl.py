@@ -568,13 +568,13 @@ def log4j2_config(level: str) -> str:
     return path
 
 
-def build_spark(cfg: Config):
+def build_spark(cfg: Config, app_name: str = "sparkify-etl"):
     """One SparkSession for the run.  spark-submit decides the master; locally it is local[*]."""
     from pyspark.sql import SparkSession
 
     ensure_java()
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    builder = SparkSession.builder.appName("sparkify-etl")
+    builder = SparkSession.builder.appName(app_name)
     for key, value in spark_settings(cfg).items():
         builder = builder.config(key, value)
     uses_s3a = any(normalize_path(p).startswith("s3a://") for p in (cfg.input, cfg.output))

@@ -103,6 +103,14 @@ def run_job(spark, input_dir, output_dir, *extra):
     return etl.run(cfg, spark)
 
 
+@pytest.fixture(scope="session")
+def sample_lake(spark, tmp_path_factory):
+    """The lake built from the bundled sample, once for the session; tests only read it."""
+    out = tmp_path_factory.mktemp("lake") / "output"
+    assert run_job(spark, SAMPLE, out) == 0
+    return str(out)
+
+
 def read_tables(spark, out):
     return {t: spark.read.parquet(os.path.join(str(out), t)) for t in etl.TABLES}
 

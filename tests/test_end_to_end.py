@@ -9,8 +9,10 @@ import sys
 import tarfile
 
 import pytest
+from pyspark.sql import functions as F
 from conftest import ROOT, SAMPLE, SHARED_DATA, read_tables, run_job
 
+import analytics
 import etl
 
 TYPES = {
@@ -27,13 +29,6 @@ TYPES = {
     "time": {"start_time": "timestamp", "hour": "int", "day": "int", "week": "int", "month": "int",
              "year": "int", "weekday": "int"},
 }
-
-
-@pytest.fixture(scope="module")
-def sample_lake(spark, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lake") / "output"
-    assert run_job(spark, SAMPLE, out) == 0
-    return str(out)
 
 
 def test_sample_figures(spark, sample_lake):
@@ -126,6 +121,11 @@ def test_cli_default_run_writes_sample_tables_and_prints_summary(tmp_path):
         assert int(files.replace(",", "")) >= 1 and float(seconds) >= 0, t
     assert "checks: 20 of 20 passed" in r.stdout
     assert "Traceback" not in r.stderr and " WARN " not in r.stderr
+    # One screen: a line per stage with its elapsed time, then the summary; nothing from Java.
+    for stage in ("read input", "build tables", "quality checks", "write songs", "publish"):
+        assert any(stage in ln and ln.rstrip().endswith("s)") for ln in r.stderr.splitlines()), stage
+    assert all(" INFO " in ln for ln in r.stderr.splitlines()), r.stderr
+    assert len(r.stdout.splitlines()) + len(r.stderr.splitlines()) <= 40
 
 
 def test_cli_missing_input_exits_2_with_one_line(tmp_path):
@@ -193,3 +193,12 @@ def test_full_catalogue(spark, full_input, tmp_path):
     dirs = glob.glob(str(out / "songs" / "year=*" / "artist_id=*"))
     files = glob.glob(str(out / "songs" / "year=*" / "artist_id=*" / "*.parquet"))
     assert len(files) == len(dirs) > 9000
+    # The analytics team's top songs on the full catalogue: real titles, play counts as the
+    # match rule decides them (each count checked against songplays directly).
+    top = analytics.run_queries(spark, str(out), ["top_songs"])["top_songs"][1]
+    assert top[0][:3] == ("You're The One", "Dwight Yoakam", 37)
+    assert len(top) == 10 and all(title and artist and plays >= 1 for title, artist, plays, _ in top)
+    by_song = {r["title"]: r["n"] for r in t["songplays"].join(t["songs"], "song_id")
+               .groupBy("title").agg(F.count("*").alias("n")).collect()}
+    assert [plays for _, _, plays, _ in top] == sorted(by_song.values(), reverse=True)[:10]
+    assert all(by_song[title] == plays for title, _, plays, _ in top)
