@@ -68,6 +68,8 @@ def test_fast_local_file_system_is_used_and_sets_ordinary_permissions(spark, sam
     # Hadoop's default umask (fs.permissions.umask-mode) is 022
     assert stat.S_IMODE(os.stat(part).st_mode) == 0o644
     assert stat.S_IMODE(os.stat(os.path.dirname(part)).st_mode) == 0o755
+    # The raw local file system: no checksum file beside any file of the lake
+    assert [f for _, _, fs in os.walk(sample_lake) for f in fs if f.endswith(".crc")] == []
 
 
 def test_manifest_is_written_last_and_describes_the_run(sample_lake):
