@@ -479,10 +479,10 @@ def spark_settings(cfg: Config) -> dict:
 # Hadoop's local file system sets every new file's and directory's permissions by forking
 # `chmod` when it has no native library (pip's pyspark has none): ~10 ms per file, minutes for
 # the songs table's thousands of partition directories.  This subclass sets them through Java's
-# own file API instead.  It is the raw local file system, without the checksum layer: no hidden
-# .crc file beside every data file (half the files to create, and none for a reader to skip),
-# and no .crc lookup per input file read.  Compiled once where a JDK is present; without javac
-# the job still runs.
+# own file API instead.  It writes and verifies no checksum files: no hidden .crc file beside
+# every data file (half the files to create, and none for a reader to skip), and no .crc lookup
+# per input file read.  It stays a LocalFileSystem, which s3a's upload buffers require.  Compiled
+# once where a JDK is present; without javac the job still runs.
 FAST_LOCAL_FS = "sparkify.FastLocalFileSystem"
 FAST_LOCAL_FS_JAVA = """
 package sparkify;
@@ -490,18 +490,27 @@ package sparkify;
 import java.io.IOException;
 import java.nio.file.Files;
 import java.nio.file.attribute.PosixFilePermissions;
+import org.apache.hadoop.fs.LocalFileSystem;
 import org.apache.hadoop.fs.Path;
 import org.apache.hadoop.fs.RawLocalFileSystem;
 import org.apache.hadoop.fs.permission.FsPermission;
 
-public class FastLocalFileSystem extends RawLocalFileSystem {
-  @Override
-  public void setPermission(Path p, FsPermission permission) throws IOException {
-    String rwx = permission.toString().substring(0, 9).replace('t', 'x').replace('T', '-');
-    try {
-      Files.setPosixFilePermissions(pathToFile(p).toPath(), PosixFilePermissions.fromString(rwx));
-    } catch (UnsupportedOperationException | IllegalArgumentException e) {
-      super.setPermission(p, permission);
+public class FastLocalFileSystem extends LocalFileSystem {
+  public FastLocalFileSystem() {
+    super(new Raw());
+    setWriteChecksum(false);
+    setVerifyChecksum(false);
+  }
+
+  public static class Raw extends RawLocalFileSystem {
+    @Override
+    public void setPermission(Path p, FsPermission permission) throws IOException {
+      String rwx = permission.toString().substring(0, 9).replace('t', 'x').replace('T', '-');
+      try {
+        Files.setPosixFilePermissions(pathToFile(p).toPath(), PosixFilePermissions.fromString(rwx));
+      } catch (UnsupportedOperationException | IllegalArgumentException e) {
+        super.setPermission(p, permission);
+      }
     }
   }
 }
@@ -1384,7 +1393,7 @@ def run(cfg: Config, spark) -> int:
     pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sparkify-job")
     try:
         if lock:
-            recover_publish(spark, storage, cfg.output)
+            recover_publish(spark, storage, cfg.output, cfg)
         x = extract(spark, storage, cfg, stages, keep)
         check_reject_share(x, cfg.max_bad_fraction)
         records = sum(r["records"] for r in x.rejects.values())
@@ -1448,20 +1457,25 @@ def parquet_files(spark, root: str, table: str) -> list:
 JOURNAL = "_publishing.json"
 
 
+def uses_upload_publish(spark, output: str) -> bool:
+    """Stage on local disk and upload, for s3a output from a local-mode session (a laptop, the
+    tests, the benchmarks): the driver's disk is the executors' disk.  On a cluster (EMR, s3://)
+    tables are staged beside the output as before."""
+    return output.startswith("s3a://") and spark.sparkContext.master.startswith("local")
+
+
 def load(spark, storage: Storage, cfg: Config, run_id: str, tables: dict, extra: dict, counts: dict,
          manifest: dict, stages: Stages, pool=None):
     """Stage every table under _staging/<run>, then publish: a journal of the moves is written
     first, so that a run interrupted while publishing is completed by the next one; the manifest
     is written last and is the commit marker."""
+    if uses_upload_publish(spark, cfg.output):
+        return load_by_upload(cfg, run_id, tables, extra, counts, manifest, stages, pool)
     out = cfg.output
     staging, trash = f"{out}/_staging/{run_id}", f"{out}/_trash/{run_id}"
     published = False
     try:
-        writes = [(f"write {name}", tables[name], name, PARTITIONS[name], "parquet") for name in TABLES]
-        writes += [("write state", extra["_state/users"], "_state/users", (), "parquet"),
-                   ("write rejects", extra["_rejects"], "_rejects", (), "json")]
-        parallel([lambda w=w: stages.run(w[0], write_table, w[1], f"{staging}/{w[2]}", w[3], fmt=w[4])
-                  for w in writes], pool)
+        _write_all(tables, extra, staging, stages, pool)
         moves = []
         for name in (*TABLES, "_state/users", "_rejects"):
             rels = (partition_dirs(storage, f"{staging}/{name}", len(PARTITIONS[name]))
@@ -1482,6 +1496,132 @@ def load(spark, storage: Storage, cfg: Config, run_id: str, tables: dict, extra:
             storage.delete_if_empty(f"{out}/_staging")
         raise
     return files, {name: stages.seconds[f"write {name}"] for name in TABLES}
+
+
+# ---- publishing to S3 by upload: S3 has no rename (s3a copies and deletes every object, twice
+# with Spark's commit protocol), so the tables are written to local disk and uploaded in parallel.
+
+UPLOAD_THREADS = 32
+
+
+def _write_all(tables: dict, extra: dict, root: str, stages: Stages, pool) -> None:
+    """Every table, the users state and the rejects under root, concurrently."""
+    writes = [(f"write {name}", tables[name], name, PARTITIONS[name], "parquet") for name in TABLES]
+    writes += [("write state", extra["_state/users"], "_state/users", (), "parquet"),
+               ("write rejects", extra["_rejects"], "_rejects", (), "json")]
+    parallel([lambda w=w: stages.run(w[0], write_table, w[1], f"{root}/{w[2]}", w[3], fmt=w[4])
+              for w in writes], pool)
+
+
+def list_keys(client, bucket: str, prefix: str) -> list:
+    """Every key under prefix (a "folder": it ends with /)."""
+    keys = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    return keys
+
+
+def upload_files(client, bucket: str, files: list) -> None:
+    """Upload (local path, key) pairs, many at a time; small files in one PUT each."""
+    def put(item):
+        path, key = item
+        if os.path.getsize(path) < 64 * 1024 * 1024:
+            with open(path, "rb") as f:
+                client.put_object(Bucket=bucket, Key=key, Body=f.read())
+        else:
+            client.upload_file(path, bucket, key)
+    with ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="sparkify-upload") as up:
+        list(up.map(put, files))
+
+
+def delete_keys(client, bucket: str, keys: Sequence[str]) -> None:
+    batches = [keys[i:i + 1000] for i in range(0, len(keys), 1000)]
+
+    def delete(batch):
+        r = client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+        if r.get("Errors"):
+            e = r["Errors"][0]
+            raise OSError(f"could not delete s3://{bucket}/{e.get('Key')}: {e.get('Code')} {e.get('Message', '')}")
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="sparkify-delete") as up:
+        list(up.map(delete, batches))
+
+
+def load_by_upload(cfg: Config, run_id: str, tables: dict, extra: dict, counts: dict, manifest: dict,
+                   stages: Stages, pool=None):
+    """Write every table to a local staging folder, then publish to S3: a journal names the
+    objects to upload and the objects they replace; the new objects are uploaded beside the old
+    ones (Spark's file names are unique per run), the manifest is written (the commit point),
+    then the replaced objects are deleted.  An interrupted publish is rolled back (before the
+    manifest) or completed (after it) by the next run."""
+    bucket, prefix = split_s3(cfg.output)
+    base = f"{prefix}/" if prefix else ""
+    local = tempfile.mkdtemp(prefix=f"sparkify-{run_id}-", dir=os.environ.get("SPARKIFY_STAGING_DIR"))
+    try:
+        _write_all(tables, extra, f"file://{local}", stages, pool)
+        client = s3_client(cfg)
+        t = time.perf_counter()
+        uploads, old, table_keys = [], [], {}
+        for name in (*TABLES, "_state/users", "_rejects"):
+            staged = []
+            for d, _, names in os.walk(os.path.join(local, name)):
+                staged += [os.path.join(d, f) for f in names
+                           if not f.startswith((".", "_")) and not f.endswith(".crc")]
+            new = [(path, base + name + "/" + os.path.relpath(path, os.path.join(local, name)).replace(os.sep, "/"))
+                   for path in staged]
+            existing = list_keys(client, bucket, f"{base}{name}/")
+            if cfg.months and name in MONTHLY_TABLES:  # replace only the months this run wrote
+                dirs = {key.rsplit("/", 1)[0] + "/" for _, key in new}
+                replaced = [k for k in existing if any(k.startswith(d) for d in dirs)]
+            else:
+                replaced = existing
+            uploads += new
+            old += replaced
+            if name in TABLES:
+                keep = set(existing) - set(replaced)
+                table_keys[name] = sorted(keep | {key for _, key in new})
+        new_keys = {key for _, key in uploads}
+        if new_keys & set(old):
+            raise OSError("a staged file has the name of a published one; nothing was published")
+        rel = {name: sorted(k[len(f"{base}{name}/"):] for k in keys if k.endswith(".parquet"))
+               for name, keys in table_keys.items()}
+        final = dict(manifest, ended=None, tables={
+            name: {"rows": counts[name], "partition_by": list(PARTITIONS[name]), "files": rel[name]}
+            for name in TABLES})
+        journal = {"run_id": run_id, "kind": "upload", "new": sorted(new_keys), "old": sorted(old)}
+        client.put_object(Bucket=bucket, Key=f"{base}{JOURNAL}", Body=json.dumps(journal).encode())
+        upload_files(client, bucket, uploads)
+        final["ended"] = utc_now()
+        client.put_object(Bucket=bucket, Key=f"{base}_manifest.json",
+                          Body=json.dumps(final, indent=2, sort_keys=True).encode())
+        delete_keys(client, bucket, sorted(old))
+        client.delete_object(Bucket=bucket, Key=f"{base}{JOURNAL}")
+        stages.seconds["publish"] = time.perf_counter() - t
+        log.info("%-16s %6.1fs   (total %.1fs)   %s objects uploaded, %s replaced", "publish",
+                 stages.seconds["publish"], stages.elapsed(), f"{len(uploads):,}", f"{len(old):,}")
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    return ({name: len(rel[name]) for name in TABLES},
+            {name: stages.seconds[f"write {name}"] for name in TABLES})
+
+
+def recover_upload(cfg: Config, out: str, journal: dict) -> None:
+    """Finish what an interrupted upload publish left: its manifest was written -> delete the
+    objects it replaced; it was not -> delete the objects it uploaded (the previous output is
+    then exactly as it was)."""
+    bucket, prefix = split_s3(out)
+    base = f"{prefix}/" if prefix else ""
+    client = s3_client(cfg)
+    try:
+        manifest = json.loads(client.get_object(Bucket=bucket, Key=f"{base}_manifest.json")["Body"].read())
+    except client.exceptions.NoSuchKey:
+        manifest = {}
+    if manifest.get("run_id") == journal["run_id"]:
+        log.warning("completing the publish of interrupted run %s", journal["run_id"])
+        delete_keys(client, bucket, [k for k in journal["old"] if k not in set(journal["new"])])
+    else:
+        log.warning("rolling back the partial publish of interrupted run %s", journal["run_id"])
+        delete_keys(client, bucket, journal["new"])
+    client.delete_object(Bucket=bucket, Key=f"{base}{JOURNAL}")
 
 
 def finish_publish(spark, storage: Storage, out: str, journal: dict) -> dict:
@@ -1506,12 +1646,15 @@ def finish_publish(spark, storage: Storage, out: str, journal: dict) -> dict:
     return {name: len(v) for name, v in table_files.items()}
 
 
-def recover_publish(spark, storage: Storage, out: str) -> None:
+def recover_publish(spark, storage: Storage, out: str, cfg: Config | None = None) -> None:
     """Complete the publish of a run that was interrupted after staging all its tables."""
     text = storage.read_text(f"{out}/{JOURNAL}")
     if text is None:
         return
     journal = json.loads(text)
+    if journal.get("kind") == "upload":
+        recover_upload(cfg or Config(), out, journal)
+        return
     log.warning("completing the publish of interrupted run %s", journal["run_id"])
     finish_publish(spark, storage, out, journal)
     storage.delete(journal["staging"])

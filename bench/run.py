@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -62,12 +62,42 @@ def input_for(scale: str) -> str:
     return target
 
 
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants (the JVM included), from /proc."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 2**20
+
+
 def timed(cmd: list, env: dict) -> tuple:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t = time.perf_counter()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - t
-    peak = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    """(wall seconds, peak RSS of the whole process tree in MB, completed process)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True)
+        peak = 0.0
+        while proc.poll() is None:
+            peak = max(peak, tree_rss_mb(proc.pid))
+            time.sleep(0.25)
+        wall = time.perf_counter() - t
+        out.seek(0)
+        err.seek(0)
+        r = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
     if r.returncode != 0:
         sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
     return wall, peak, r
@@ -85,16 +115,65 @@ def layout(out: str) -> dict:
     return figures
 
 
+def s3_layout(env: dict, bucket: str, prefix: str) -> dict:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=env["S3_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+            for o in page.get("Contents", [])]
+    figures = {}
+    for t in TABLES:
+        parquet = [k for k in keys if k.startswith(f"{prefix}/{t}/") and k.endswith(".parquet")]
+        figures[t] = (len(parquet), len({k.rsplit("/", 1)[0] for k in parquet}))
+    return figures
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("scale", choices=["sample", "full", *SCALES])
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--course-style", action="store_true", help="also run ../shared/bench/course_style_etl.py")
     p.add_argument("--bare-read", action="store_true", help="also time a bare Spark start + read + stop")
+    p.add_argument("--s3", action="store_true", help="also run etl.py from and to S3: a SeaweedFS server "
+                   "on loopback (weed, from requirements-dev.txt), input uploaded once")
     a = p.parse_args(argv)
     inp = input_for(a.scale)
     env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable)
     jobs = {"etl.py": lambda out: [sys.executable, os.path.join(ROOT, "etl.py"), "--input", inp, "--output", out]}
+    server = None
+    if a.s3:
+        server, s3_env = start_s3(inp)
+        env.update(s3_env)
+        jobs["etl.py s3"] = lambda out: [sys.executable, os.path.join(ROOT, "etl.py"), "--input",
+                                         "s3a://bench/input", "--output", "s3a://bench/lake"]
+    try:
+        run_jobs(a, inp, jobs, env)
+    finally:
+        if server:
+            server.stop()
+
+
+def start_s3(inp: str) -> tuple:
+    """A SeaweedFS server in bench/out/seaweedfs with the input uploaded to s3://bench/input."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    sys.path.insert(0, ROOT)
+    import create_s3
+    import s3server
+
+    work = os.path.join(WORK, "seaweedfs")
+    shutil.rmtree(work, ignore_errors=True)
+    server = s3server.start(work)
+    client = server.client()
+    client.create_bucket(Bucket="bench")
+    t = time.perf_counter()
+    n = create_s3.upload_tree(client, inp, "bench", "input")
+    print(f"uploaded {n:,} input files to s3://bench/input in {time.perf_counter() - t:.1f}s", flush=True)
+    return server, server.env()
+
+
+def run_jobs(a, inp: str, jobs: dict, env: dict) -> None:
     if a.bare_read:
         jobs["bare read"] = lambda out: [sys.executable, "-c", BARE_READ, inp]
     if a.course_style:
@@ -107,14 +186,13 @@ def main(argv=None) -> None:
             shutil.rmtree(out, ignore_errors=True)
             wall, peak, r = timed(cmd(out), env)
             walls[name].append(wall)
-            print(f"run {i + 1} {name:<13} {wall:7.1f}s  peak RSS {peak:,.0f} MB (Python side; JVM not counted)",
-                  flush=True)
-            if name == "etl.py":
+            print(f"run {i + 1} {name:<13} {wall:7.1f}s  peak RSS {peak:,.0f} MB (Python + JVM)", flush=True)
+            if name.startswith("etl.py"):
                 stages = re.findall(r"INFO (\w[\w ]*?)\s+([0-9.]+)s\s+\(total", r.stderr)
                 print("   stages: " + ", ".join(f"{s.strip()} {float(v):.1f}s" for s, v in stages))
                 rows = {m[0]: int(m[1].replace(",", "")) for m in re.findall(r"^\s+(\w+)\s+([\d,]+)\s+[\d,]+\s+[\d.]+$",
                                                                             r.stdout, re.M)}
-                for t, (files, dirs) in layout(out).items():
+                for t, (files, dirs) in (s3_layout(env, "bench", "lake") if "s3" in name else layout(out)).items():
                     print(f"   {t:<10} rows {rows.get(t, 0):>12,}  parquet files {files:>7,}  "
                           f"partition dirs {dirs:>7,}")
     print(f"\nscale {a.scale}: medians of {a.repeat} runs")

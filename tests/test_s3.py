@@ -176,3 +176,92 @@ def test_lock_on_s3_refuses_a_second_writer(spark, s3, sample_bucket, monkeypatc
     assert etl.main(args, spark=spark) == 2
     assert "locked by run other-run" in capsys.readouterr().err
     s3.client().head_object(Bucket=sample_bucket, Key="locked/_lock.json")  # still theirs
+
+
+# ---- publishing to S3 by upload (local staging, parallel uploads, manifest, then deletes)
+
+
+def s3_cfg(s3, bucket, out):
+    cfg = etl.load_config(["--input", f"s3a://{bucket}/input", "--output", f"s3a://{bucket}/{out}"],
+                          environ=s3.env())
+    cfg.access_key, cfg.secret_key = s3.access_key, s3.secret_key
+    return cfg
+
+
+def objects(s3, bucket, prefix):
+    """key -> ETag of every object under prefix/."""
+    pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
+    return {o["Key"]: o["ETag"] for p in pages for o in p.get("Contents", [])}
+
+
+def published_keys(manifest, prefix):
+    keys = {f"{prefix}/{t}/{f}" for t, v in manifest["tables"].items() for f in v["files"]}
+    return keys | {f"{prefix}/_manifest.json"}
+
+
+@pytest.fixture
+def s3_lake(spark, s3, sample_bucket):
+    prefix = f"lake-{uuid.uuid4().hex[:8]}"
+    assert etl.run(s3_cfg(s3, sample_bucket, prefix), spark) == 0
+    return prefix
+
+
+def manifest_of(s3, bucket, prefix):
+    return json.loads(s3.client().get_object(Bucket=bucket, Key=f"{prefix}/_manifest.json")["Body"].read())
+
+
+def test_rerun_on_s3_replaces_every_object_and_leaves_nothing_behind(spark, s3, sample_bucket, s3_lake):
+    first = objects(s3, sample_bucket, s3_lake)
+    assert etl.run(s3_cfg(s3, sample_bucket, s3_lake), spark) == 0
+    after = objects(s3, sample_bucket, s3_lake)
+    manifest = manifest_of(s3, sample_bucket, s3_lake)
+    data = {k for k in after if not k.startswith((f"{s3_lake}/_state/", f"{s3_lake}/_rejects/"))}
+    assert data == published_keys(manifest, s3_lake)  # no old file, journal, lock or staging left
+    assert not (set(first) - {f"{s3_lake}/_manifest.json"}) & set(after)  # every old object replaced
+    assert len(manifest["tables"]["songs"]["files"]) == 69
+
+
+def test_upload_interrupted_before_the_manifest_is_rolled_back(spark, s3, sample_bucket, s3_lake, monkeypatch):
+    before = objects(s3, sample_bucket, s3_lake)
+    real = etl.upload_files
+
+    def dies_halfway(client, bucket, files):
+        real(client, bucket, files[: len(files) // 2])
+        raise OSError("killed (injected)")
+
+    monkeypatch.setattr(etl, "upload_files", dies_halfway)
+    assert etl.main(["--input", f"s3a://{sample_bucket}/input", "--output", f"s3a://{sample_bucket}/{s3_lake}",
+                     "--config", str(keys_cfg(s3, monkeypatch))], spark=spark) == 2
+    half = objects(s3, sample_bucket, s3_lake)
+    assert f"{s3_lake}/{etl.JOURNAL}" in half and len(half) > len(before) + 30  # new objects beside old
+    # The next run's first step rolls the partial publish back: the previous output, byte for byte.
+    etl.recover_publish(spark, etl.Storage(spark), f"s3a://{sample_bucket}/{s3_lake}",
+                        s3_cfg(s3, sample_bucket, s3_lake))
+    assert objects(s3, sample_bucket, s3_lake) == before
+
+
+def test_upload_interrupted_after_the_manifest_is_completed(spark, s3, sample_bucket, s3_lake, monkeypatch):
+    monkeypatch.setattr(etl, "delete_keys", lambda *a: (_ for _ in ()).throw(OSError("killed (injected)")))
+    args = ["--input", f"s3a://{sample_bucket}/input", "--output", f"s3a://{sample_bucket}/{s3_lake}",
+            "--config", str(keys_cfg(s3, monkeypatch))]
+    assert etl.main(args, spark=spark) == 2
+    manifest = manifest_of(s3, sample_bucket, s3_lake)  # the interrupted run's: its commit point passed
+    assert len(objects(s3, sample_bucket, s3_lake)) > len(published_keys(manifest, s3_lake)) + 60  # old still there
+    monkeypatch.undo()
+    etl.recover_publish(spark, etl.Storage(spark), f"s3a://{sample_bucket}/{s3_lake}",
+                        s3_cfg(s3, sample_bucket, s3_lake))
+    after = objects(s3, sample_bucket, s3_lake)
+    data = {k for k in after if not k.startswith((f"{s3_lake}/_state/", f"{s3_lake}/_rejects/"))}
+    assert data == published_keys(manifest, s3_lake)
+    assert f"{s3_lake}/{etl.JOURNAL}" not in after
+
+
+def keys_cfg(s3, monkeypatch):
+    """The running JVM gets the keys through dl.cfg's slot; the endpoint through the environment."""
+    import tempfile
+
+    monkeypatch.setenv("S3_ENDPOINT_URL", s3.endpoint)
+    path = os.path.join(tempfile.mkdtemp(), "dl.cfg")
+    with open(path, "w") as f:
+        f.write(f"[AWS]\nAWS_ACCESS_KEY_ID = {s3.access_key}\nAWS_SECRET_ACCESS_KEY = {s3.secret_key}\n")
+    return path
