@@ -1139,7 +1139,8 @@ def run_checks(tables: dict, expected_plays: int, stats: dict, pool=None) -> lis
         dups = st["rows"] - st["nulls"] - st["distinct"]
         detail = ""
         if dups:  # find an example key for the message (only when the check fails)
-            detail = f"{dups} extra rows, e.g. duplicated key {_dup_key(tables[name].filter(f'{key} IS NOT NULL'), key)}"
+            example = _dup_key(tables[name].filter(f"{key} IS NOT NULL"), key)
+            detail = f"{dups} extra rows, e.g. duplicated key {example}"
         results.append(CheckResult(f"{name}.{key} unique", dups == 0, detail))
     sp = tables["songplays"]
     orphans = parallel([lambda ck=ck, parent=parent: _orphan(sp, tables[parent], KEYS[parent], ck)
