@@ -596,6 +596,17 @@ def small_local_input(root: str, limit: int = SMALL_INPUT_BYTES, max_files: int 
     return True
 
 
+def local_driver_memory() -> str:
+    """$SPARKIFY_DRIVER_MEMORY, or half the machine's memory between 1g and 16g."""
+    if os.environ.get("SPARKIFY_DRIVER_MEMORY"):
+        return os.environ["SPARKIFY_DRIVER_MEMORY"]
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return "2g"
+    return f"{max(1, min(16, total // 2**30 // 2))}g"
+
+
 def build_spark(cfg: Config, app_name: str = "sparkify-etl"):
     """One SparkSession for the run.  spark-submit decides the master; locally it is local[*]."""
     from pyspark.sql import SparkSession
@@ -613,6 +624,9 @@ def build_spark(cfg: Config, app_name: str = "sparkify-etl"):
         # etl.py launches the JVM itself (python etl.py, not spark-submit): its logging is ours.
         for key, value in fast_local_fs_settings().items():
             builder = builder.config(key, value)
+        # Local mode runs everything in the driver's JVM: give it memory (Spark's default is 1g,
+        # which spills and thrashes on tens of millions of events).
+        builder = builder.config("spark.driver.memory", local_driver_memory())
         java_opts = [f"-Dlog4j2.configurationFile=file:{log4j2_config(cfg.log_level)}"]
         if small_local_input(cfg.input):
             # A short run: the JIT's quick tier only.  Compiling hot code with C2 costs more than
