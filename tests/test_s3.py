@@ -265,3 +265,16 @@ def keys_cfg(s3, monkeypatch):
     with open(path, "w") as f:
         f.write(f"[AWS]\nAWS_ACCESS_KEY_ID = {s3.access_key}\nAWS_SECRET_ACCESS_KEY = {s3.secret_key}\n")
     return path
+
+
+def test_analytics_reads_a_lake_on_s3(spark, s3, sample_bucket, s3_lake, monkeypatch):
+    import io
+
+    import analytics
+
+    out = io.StringIO()
+    args = ["--lake", f"s3a://{sample_bucket}/{s3_lake}", "--query", "plays_by_level",
+            "--config", keys_cfg(s3, monkeypatch)]
+    assert analytics.main(args, spark=spark, out=out) == 0
+    rows = [ln.split() for ln in out.getvalue().splitlines()]
+    assert ["free", "1,229", "18.0", "82"] in rows and ["paid", "5,591", "82.0", "22"] in rows
