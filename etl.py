@@ -1679,12 +1679,24 @@ def recover_publish(spark, storage: Storage, out: str, cfg: Config | None = None
 
 
 def setup_logging(level: str) -> None:
+    quiet_pyspark_loggers(level)
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
         log.propagate = False
     log.setLevel(getattr(logging, level))
+
+
+def quiet_pyspark_loggers(level: str) -> None:
+    """pyspark 4 logs every failed query with its context at ERROR on stderr, before the job
+    prints its own one-line message; those loggers speak only at DEBUG."""
+    try:
+        from pyspark.logger import PySparkLogger  # pyspark 4
+    except ImportError:
+        return
+    for name in ("SQLQueryContextLogger", "DataFrameQueryContextLogger"):
+        PySparkLogger.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
 
 
 def main(argv: Sequence[str] | None = None, spark=None) -> int:

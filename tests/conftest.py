@@ -103,6 +103,16 @@ def run_job(spark, input_dir, output_dir, *extra):
     return etl.run(cfg, spark)
 
 
+# The one line the JVM itself prints at start under pyspark 4 (its launcher always adds
+# --add-modules=jdk.incubator.vector); not a log line, and no setting turns it off.
+JVM_BANNER = "WARNING: Using incubator modules: jdk.incubator.vector"
+
+
+def job_lines(stderr: str) -> list:
+    """stderr of a CLI run without the JVM's start-up banner."""
+    return [ln for ln in stderr.splitlines() if ln.strip() != JVM_BANNER]
+
+
 @pytest.fixture(scope="session")
 def sample_lake(spark, tmp_path_factory):
     """The lake built from the bundled sample, once for the session; tests only read it."""
