@@ -1538,8 +1538,7 @@ def list_keys(client, bucket: str, prefix: str) -> list:
     return keys
 
 
-def upload_files(client, bucket: str, files: list) -> None:
-    """Upload (local path, key) pairs, many at a time; small files in one PUT each."""
+def _put_files(client, bucket: str, files: list) -> None:
     def put(item):
         path, key = item
         if os.path.getsize(path) < 64 * 1024 * 1024:
@@ -1549,6 +1548,27 @@ def upload_files(client, bucket: str, files: list) -> None:
             client.upload_file(path, bucket, key)
     with ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="sparkify-upload") as up:
         list(up.map(put, files))
+
+
+def _upload_worker(args) -> int:
+    cfg, bucket, files = args
+    _put_files(s3_client(cfg), bucket, files)
+    return len(files)
+
+
+def upload_files(client, bucket: str, files: list, cfg: Config | None = None) -> None:
+    """Upload (local path, key) pairs, many at a time; small files in one PUT each.  Thousands
+    of files go through several processes: boto3's per-request work holds Python's GIL, so one
+    process tops out at one core (12,620 files to SeaweedFS: 36-42 s in one, 21 s in two)."""
+    procs = min(8, max(2, os.cpu_count() or 2))
+    if cfg is None or len(files) < 2000:
+        _put_files(client, bucket, files)
+        return
+    import multiprocessing
+
+    # spawn, not fork: the parent holds the JVM gateway's sockets and threads.
+    with multiprocessing.get_context("spawn").Pool(procs) as workers:
+        workers.map(_upload_worker, [(cfg, bucket, files[i::procs]) for i in range(procs)])
 
 
 def delete_keys(client, bucket: str, keys: Sequence[str]) -> None:
@@ -1606,7 +1626,7 @@ def load_by_upload(cfg: Config, run_id: str, tables: dict, extra: dict, counts: 
             for name in TABLES})
         journal = {"run_id": run_id, "kind": "upload", "new": sorted(new_keys), "old": sorted(old)}
         client.put_object(Bucket=bucket, Key=f"{base}{JOURNAL}", Body=json.dumps(journal).encode())
-        upload_files(client, bucket, uploads)
+        upload_files(client, bucket, uploads, cfg)
         final["ended"] = utc_now()
         client.put_object(Bucket=bucket, Key=f"{base}_manifest.json",
                           Body=json.dumps(final, indent=2, sort_keys=True).encode())

@@ -225,7 +225,7 @@ def test_upload_interrupted_before_the_manifest_is_rolled_back(spark, s3, sample
     before = objects(s3, sample_bucket, s3_lake)
     real = etl.upload_files
 
-    def dies_halfway(client, bucket, files):
+    def dies_halfway(client, bucket, files, cfg=None):
         real(client, bucket, files[: len(files) // 2])
         raise OSError("killed (injected)")
 
@@ -278,3 +278,18 @@ def test_analytics_reads_a_lake_on_s3(spark, s3, sample_bucket, s3_lake, monkeyp
     assert analytics.main(args, spark=spark, out=out) == 0
     rows = [ln.split() for ln in out.getvalue().splitlines()]
     assert ["free", "1,229", "18.0", "82"] in rows and ["paid", "5,591", "82.0", "22"] in rows
+
+
+def test_thousands_of_files_are_uploaded_by_several_processes(s3, sample_bucket, tmp_path):
+    files = []
+    for i in range(2100):
+        path = tmp_path / f"f{i}.bin"
+        path.write_bytes(f"file {i}".encode() * (i % 7 + 1))
+        files.append((str(path), f"many/d{i % 50}/f{i}.bin"))
+    cfg = s3_cfg(s3, sample_bucket, "many")
+    cfg.endpoint_url = s3.endpoint
+    etl.upload_files(s3.client(), sample_bucket, files, cfg)
+    got = objects(s3, sample_bucket, "many")
+    assert sorted(got) == sorted(key for _, key in files)
+    body = s3.client().get_object(Bucket=sample_bucket, Key="many/d13/f2063.bin")["Body"].read()
+    assert body == b"file 2063" * (2063 % 7 + 1)
