@@ -61,7 +61,7 @@ def load_queries(folder: str = QUERY_DIR) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def register_views(spark, lake: str) -> dict:
+def register_views(spark, lake: str) -> None:
     """Register the five tables as temporary views; fail with one line when the lake is not one."""
     storage = etl.Storage(spark)
     if not storage.exists(f"{lake}/_manifest.json"):
@@ -70,12 +70,9 @@ def register_views(spark, lake: str) -> dict:
     if storage.exists(f"{lake}/{etl.JOURNAL}"):
         etl.log.warning("a publish into %s was interrupted; the next etl.py run completes it", lake)
     schemas = etl.output_schemas()
-    frames = {}
     for name in etl.TABLES:
         # Explicit schemas: no footer reads to infer them (a round trip per file on S3).
-        frames[name] = spark.read.schema(schemas[name]).parquet(f"{lake}/{name}")
-        frames[name].createOrReplaceTempView(name)
-    return frames
+        spark.read.schema(schemas[name]).parquet(f"{lake}/{name}").createOrReplaceTempView(name)
 
 
 def run_sql(spark, sql: str, limit: int | None = None):

@@ -14,7 +14,6 @@ import argparse
 import os
 import re
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import etl
 
@@ -67,8 +66,7 @@ def upload_tree(client, local_root: str, bucket: str, prefix: str, names=("song_
                 path = os.path.join(d, f)
                 key = "/".join(p for p in (prefix, os.path.relpath(path, local_root).replace(os.sep, "/")) if p)
                 jobs.append((path, key))
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        list(pool.map(lambda job: client.upload_file(job[0], bucket, job[1]), jobs))
+    etl.upload_files(client, bucket, jobs)
     return len(jobs)
 
 

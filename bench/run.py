@@ -115,14 +115,10 @@ def layout(out: str) -> dict:
     return figures
 
 
-def s3_layout(env: dict, bucket: str, prefix: str) -> dict:
-    import boto3
+def s3_layout(client, bucket: str, prefix: str) -> dict:
+    import etl
 
-    client = boto3.client("s3", endpoint_url=env["S3_ENDPOINT_URL"], region_name="us-east-1",
-                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
-    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
-            for o in page.get("Contents", [])]
+    keys = etl.list_keys(client, bucket, prefix + "/")
     figures = {}
     for t in TABLES:
         parquet = [k for k in keys if k.startswith(f"{prefix}/{t}/") and k.endswith(".parquet")]
@@ -149,7 +145,7 @@ def main(argv=None) -> None:
         jobs["etl.py s3"] = lambda out: [sys.executable, os.path.join(ROOT, "etl.py"), "--input",
                                          "s3a://bench/input", "--output", "s3a://bench/lake"]
     try:
-        run_jobs(a, inp, jobs, env)
+        run_jobs(a, inp, jobs, env, server.client() if server else None)
     finally:
         if server:
             server.stop()
@@ -173,7 +169,7 @@ def start_s3(inp: str) -> tuple:
     return server, server.env()
 
 
-def run_jobs(a, inp: str, jobs: dict, env: dict) -> None:
+def run_jobs(a, inp: str, jobs: dict, env: dict, s3_client=None) -> None:
     if a.bare_read:
         jobs["bare read"] = lambda out: [sys.executable, "-c", BARE_READ, inp]
     if a.course_style:
@@ -192,7 +188,8 @@ def run_jobs(a, inp: str, jobs: dict, env: dict) -> None:
                 print("   stages: " + ", ".join(f"{s.strip()} {float(v):.1f}s" for s, v in stages))
                 rows = {m[0]: int(m[1].replace(",", "")) for m in re.findall(r"^\s+(\w+)\s+([\d,]+)\s+[\d,]+\s+[\d.]+$",
                                                                             r.stdout, re.M)}
-                for t, (files, dirs) in (s3_layout(env, "bench", "lake") if "s3" in name else layout(out)).items():
+                figures = s3_layout(s3_client, "bench", "lake") if "s3" in name else layout(out)
+                for t, (files, dirs) in figures.items():
                     print(f"   {t:<10} rows {rows.get(t, 0):>12,}  parquet files {files:>7,}  "
                           f"partition dirs {dirs:>7,}")
     print(f"\nscale {a.scale}: medians of {a.repeat} runs")
