@@ -794,20 +794,35 @@ def log4j2_config(level: str) -> str:
 SMALL_INPUT_BYTES = 64 * 1024 * 1024
 
 
-def small_local_input(root: str, limit: int = SMALL_INPUT_BYTES, max_files: int = 50_000) -> bool:
-    """A local input under `limit` bytes (the walk stops early on a large one)."""
-    if not is_local_path(root):
-        return False
+def small_input(cfg: Config, limit: int = SMALL_INPUT_BYTES, max_files: int = 50_000) -> bool:
+    """An input under `limit` bytes: walked on a local disk, listed flat with boto3 on S3 (off
+    EMR); either stops early on a large input.  Unknown (no access yet): not small."""
     total = files = 0
-    for dirpath, _, names in os.walk(normalize_path(root), followlinks=True):
-        for name in names:
-            files += 1
-            try:
-                total += os.path.getsize(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            if total >= limit or files >= max_files:
-                return False
+    if is_local_path(cfg.input):
+        for dirpath, _, names in os.walk(normalize_path(cfg.input), followlinks=True):
+            for name in names:
+                files += 1
+                try:
+                    total += os.path.getsize(os.path.join(dirpath, name))
+                except OSError:
+                    continue
+                if total >= limit or files >= max_files:
+                    return False
+        return True
+    if not is_s3_path(cfg.input) or on_emr():
+        return False
+    try:
+        bucket, prefix = split_s3(normalize_path(cfg.input))
+        pages = s3_client(cfg).get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+        for page in pages:
+            for obj in page.get("Contents", []):
+                files += 1
+                total += obj["Size"]
+                if total >= limit or files >= max_files:
+                    return False
+    except Exception:  # the pre-flight check and the read report access problems
+        return False
     return True
 
 
@@ -839,7 +854,7 @@ def build_spark(cfg: Config, app_name: str = "sparkify-etl"):
         # etl.py launches the JVM itself (python etl.py, not spark-submit): its logging is ours.
         for key, value in fast_local_fs_settings().items():
             builder = builder.config(key, value)
-        small = small_local_input(cfg.input)
+        small = small_input(cfg)
         if not small or os.environ.get("SPARKIFY_DRIVER_MEMORY"):
             # Local mode runs everything in the driver's JVM: give it memory (Spark's default 1g
             # spills and thrashes on tens of millions of events; L: 361 s -> 261 s).
@@ -1418,12 +1433,16 @@ SINGLE_WRITER_ROWS = 1_000_000
 
 
 def write_table(df, path: str, partition_by: Sequence[str], fmt: str = "parquet",
-                rows: int | None = None) -> None:
+                rows: int | None = None, tasks: int | None = None) -> None:
     """One file per partition directory (or one file for an unpartitioned table).  rows, when
-    known and small, lets one task write the table without a shuffle."""
+    known and small, lets one task write the table without a shuffle; tasks spreads a table of
+    thousands of small partition directories over that many tasks (each directory still in one)."""
     from pyspark.sql import functions as F
 
-    if rows is not None and rows <= SINGLE_WRITER_ROWS:
+    if tasks and partition_by:
+        # An explicit count: adaptive execution would merge these few small rows into one task.
+        out = df.repartition(tasks, *[F.col(c) for c in partition_by])
+    elif rows is not None and rows <= SINGLE_WRITER_ROWS:
         out = df.coalesce(1)
     elif partition_by:
         out = df.repartition(*[F.col(c) for c in partition_by])
@@ -1773,12 +1792,15 @@ UPLOAD_THREADS = 32
 
 def _write_all(tables: dict, extra: dict, root: str, stages: Stages, pool, counts: dict) -> None:
     """Every table, the users state and the rejects under root, concurrently."""
-    writes = [(f"write {name}", tables[name], name, PARTITIONS[name], "parquet", counts.get(name))
-              for name in TABLES]
-    writes += [("write state", extra["_state/users"], "_state/users", (), "parquet", None),
-               ("write rejects", extra["_rejects"], "_rejects", (), "json", None)]
-    parallel([lambda w=w: stages.run(w[0], write_table, w[1], f"{root}/{w[2]}", w[3], fmt=w[4], rows=w[5])
-              for w in writes], pool)
+    # songs has a directory per artist (12,620 for the full catalogue): one task would write them
+    # all on one core while the other tables are long done.
+    cores = tables["songs"].sparkSession.sparkContext.defaultParallelism
+    writes = [(f"write {name}", tables[name], name, PARTITIONS[name], "parquet", counts.get(name),
+               cores if name == "songs" else None) for name in TABLES]
+    writes += [("write state", extra["_state/users"], "_state/users", (), "parquet", None, None),
+               ("write rejects", extra["_rejects"], "_rejects", (), "json", None, None)]
+    parallel([lambda w=w: stages.run(w[0], write_table, w[1], f"{root}/{w[2]}", w[3], fmt=w[4], rows=w[5],
+                                     tasks=w[6]) for w in writes], pool)
 
 
 def list_keys(client, bucket: str, prefix: str) -> list:
