@@ -580,10 +580,13 @@ import java.io.IOException;
 import java.io.InputStream;
 import java.util.ArrayList;
 import java.util.List;
+import java.util.Map;
 import java.util.concurrent.CompletableFuture;
+import java.util.concurrent.ConcurrentHashMap;
 import java.util.concurrent.ExecutorService;
 import java.util.concurrent.Executors;
 import java.util.concurrent.Future;
+import java.util.concurrent.atomic.AtomicLong;
 import com.amazonaws.AmazonServiceException;
 import com.amazonaws.services.s3.AmazonS3;
 import com.amazonaws.services.s3.model.GetObjectRequest;
@@ -619,16 +622,34 @@ public class SparkifyS3AFileSystem extends S3AFileSystem {
     }
     Path q = makeQualified(f);
     String key = pathToKey(q);
+    CompletableFuture<byte[]> ahead = PREFETCHED.remove(getBucket() + "/" + key);
+    if (ahead != null) {
+      byte[] data = null;
+      try {
+        data = ahead.get();
+      } catch (Exception e) {
+        // fetched again below, with its real error if any
+      }
+      if (data != null) {
+        PREFETCHED_BYTES.addAndGet(-data.length);
+        return new FSDataInputStream(new Bytes(data));
+      }
+    }
+    byte[] data = fetchSmall(key);
+    return data == null ? null : new FSDataInputStream(new Bytes(data));
+  }
+
+  private byte[] fetchSmall(String key) throws IOException {
     GetObjectRequest req = new GetObjectRequest(getBucket(), key).withRange(0, SMALL - 1);
     S3Object o;
     try {
       o = getAmazonS3Client().getObject(req);
     } catch (AmazonServiceException e) {
       if (e.getStatusCode() == 404) {
-        throw new FileNotFoundException(q.toString());
+        throw new FileNotFoundException("s3a://" + getBucket() + "/" + key);
       }
       if (e.getStatusCode() == 416) {  // an empty object: no byte range to satisfy
-        return new FSDataInputStream(new Bytes(new byte[0]));
+        return new byte[0];
       }
       return null;  // let s3a handle (and translate) it
     }
@@ -637,10 +658,66 @@ public class SparkifyS3AFileSystem extends S3AFileSystem {
         o.getObjectContent().abort();
         return null;
       }
-      return new FSDataInputStream(new Bytes(readAll(o.getObjectContent())));
+      return readAll(o.getObjectContent());
     } finally {
       o.close();
     }
+  }
+
+  // Objects fetched ahead of Spark's read, by bucket/key; each is handed out once.
+  static final Map<String, CompletableFuture<byte[]>> PREFETCHED = new ConcurrentHashMap<>();
+  static final AtomicLong PREFETCHED_BYTES = new AtomicLong();
+  static final long PREFETCH_CAP = 256L << 20;
+
+  /** Fetch these objects (one s3a URI per line) with `threads` concurrent GETs, in the
+   *  background, for the read that follows: a Spark task reads its files one after the other, so
+   *  with few cores only that many requests would be in flight.  At most PREFETCH_CAP bytes wait
+   *  unread; past that, and for large objects, the read fetches for itself. */
+  public int prefetch(String listing, int threads) throws Exception {
+    ExecutorService pool = Executors.newFixedThreadPool(threads, r -> {
+      Thread t = new Thread(r, "sparkify-prefetch");
+      t.setDaemon(true);
+      return t;
+    });
+    int n = 0;
+    for (String line : listing.split("\n")) {
+      if (line.isEmpty()) {
+        continue;
+      }
+      Path q = makeQualified(new Path(new java.net.URI(line)));
+      if (!getBucket().equals(q.toUri().getHost())) {
+        continue;
+      }
+      String key = pathToKey(q);
+      PREFETCHED.computeIfAbsent(getBucket() + "/" + key, k -> CompletableFuture.supplyAsync(() -> {
+        if (PREFETCHED_BYTES.get() > PREFETCH_CAP) {
+          return null;
+        }
+        try {
+          byte[] data = fetchSmall(key);
+          if (data != null) {
+            PREFETCHED_BYTES.addAndGet(data.length);
+          }
+          return data;
+        } catch (IOException e) {
+          return null;
+        }
+      }, pool));
+      n++;
+    }
+    pool.shutdown();  // its threads end when the queue is done
+    return n;
+  }
+
+  /** How many objects fetched ahead (or being fetched) wait for their read. */
+  public int prefetchedWaiting() {
+    return PREFETCHED.size();
+  }
+
+  /** Drop what was fetched ahead and not read. */
+  public void clearPrefetched() {
+    PREFETCHED.clear();
+    PREFETCHED_BYTES.set(0);
   }
 
   static byte[] readAll(InputStream in) throws IOException {
@@ -795,8 +872,10 @@ SMALL_INPUT_BYTES = 64 * 1024 * 1024
 
 
 def small_input(cfg: Config, limit: int = SMALL_INPUT_BYTES, max_files: int = 50_000) -> bool:
-    """An input under `limit` bytes: walked on a local disk, listed flat with boto3 on S3 (off
-    EMR); either stops early on a large input.  Unknown (no access yet): not small."""
+    """An input under `limit` bytes.  A local one is walked (stopping early on a large one).  On
+    S3 (off EMR) log_data and the first thousand song objects are listed: the events set a run's
+    length, and a full listing of many small song objects would cost more than it tells.  Unknown
+    (no access yet): not small."""
     total = files = 0
     if is_local_path(cfg.input):
         for dirpath, _, names in os.walk(normalize_path(cfg.input), followlinks=True):
@@ -813,13 +892,14 @@ def small_input(cfg: Config, limit: int = SMALL_INPUT_BYTES, max_files: int = 50
         return False
     try:
         bucket, prefix = split_s3(normalize_path(cfg.input))
-        pages = s3_client(cfg).get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
-        for page in pages:
-            for obj in page.get("Contents", []):
-                files += 1
-                total += obj["Size"]
-                if total >= limit or files >= max_files:
+        client = s3_client(cfg)
+        base = f"{prefix}/" if prefix else ""
+        for name, pages in (("log_data", None), ("song_data", 1)):
+            paginator = client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=f"{base}{name}/", PaginationConfig={"MaxItems": pages and 1000})
+            for page in paginator:
+                total += sum(obj["Size"] for obj in page.get("Contents", []))
+                if total >= limit:
                     return False
     except Exception:  # the pre-flight check and the read report access problems
         return False
@@ -1592,8 +1672,15 @@ def extract(spark, storage: Storage, cfg: Config, stages: Stages, keep: list, po
     songs_tagged, logs_tagged = tag_songs(songs_raw), tag_logs(logs_raw)
     songs_tagged, logs_tagged = (keep_df(keep, df.persist(StorageLevel.MEMORY_AND_DISK))
                                  for df in (songs_tagged, logs_tagged))
-    song_counts, log_counts = stages.run("read input", parallel, [lambda: count_rejects(songs_tagged),
-                                                                  lambda: count_rejects(logs_tagged)], pool)
+    s3 = jvm_s3a(spark, song_root) if song_root.startswith("s3a://") and local_session(spark) else None
+    if s3 is not None:  # thousands of tiny song objects: fetched ahead, many at a time
+        s3.prefetch("\n".join(song_files), PREFETCH_THREADS)
+    try:
+        song_counts, log_counts = stages.run("read input", parallel, [
+            lambda: count_rejects(songs_tagged), lambda: count_rejects(logs_tagged)], pool)
+    finally:
+        if s3 is not None:
+            s3.clearPrefetched()
     rejects = {}
     for src, files, (records, rejected) in (("song_data", song_files, song_counts),
                                             ("log_data", log_files, log_counts)):
@@ -1743,11 +1830,15 @@ def parquet_files(spark, root: str, table: str) -> list:
 JOURNAL = "_publishing.json"
 
 
+def local_session(spark) -> bool:
+    return spark.sparkContext.master.startswith("local")
+
+
 def uses_upload_publish(spark, output: str) -> bool:
     """Stage on local disk and upload, for s3a output from a local-mode session (a laptop, the
     tests, the benchmarks): the driver's disk is the executors' disk.  On a cluster (EMR, s3://)
     tables are staged beside the output as before."""
-    return output.startswith("s3a://") and spark.sparkContext.master.startswith("local")
+    return output.startswith("s3a://") and local_session(spark)
 
 
 def load(spark, storage: Storage, cfg: Config, run_id: str, tables: dict, extra: dict, counts: dict,
@@ -1788,6 +1879,7 @@ def load(spark, storage: Storage, cfg: Config, run_id: str, tables: dict, extra:
 # with Spark's commit protocol), so the tables are written to local disk and uploaded in parallel.
 
 UPLOAD_THREADS = 32
+PREFETCH_THREADS = 32
 
 
 def _write_all(tables: dict, extra: dict, root: str, stages: Stages, pool, counts: dict) -> None:

@@ -142,8 +142,9 @@ def main(argv=None) -> None:
     if a.s3:
         server, s3_env = start_s3(inp)
         env.update(s3_env)
+        # A fresh output prefix per run, as the local runs get a fresh folder.
         jobs["etl.py s3"] = lambda out: [sys.executable, os.path.join(ROOT, "etl.py"), "--input",
-                                         "s3a://bench/input", "--output", "s3a://bench/lake"]
+                                         "s3a://bench/input", "--output", f"s3a://bench/{s3_prefix(out)}"]
     try:
         run_jobs(a, inp, jobs, env, server.client() if server else None)
     finally:
@@ -169,6 +170,10 @@ def start_s3(inp: str) -> tuple:
     return server, server.env()
 
 
+def s3_prefix(out: str) -> str:
+    return os.path.basename(out)
+
+
 def run_jobs(a, inp: str, jobs: dict, env: dict, s3_client=None) -> None:
     if a.bare_read:
         jobs["bare read"] = lambda out: [sys.executable, "-c", BARE_READ, inp]
@@ -179,6 +184,8 @@ def run_jobs(a, inp: str, jobs: dict, env: dict, s3_client=None) -> None:
     for i in range(a.repeat):
         for name, cmd in jobs.items():  # interleaved, so that machine noise hits every job alike
             out = os.path.join(WORK, f"lake-{a.scale}-{name.replace(' ', '-')}")
+            if "s3" in name:
+                out += f"-run{i + 1}"
             shutil.rmtree(out, ignore_errors=True)
             wall, peak, r = timed(cmd(out), env)
             walls[name].append(wall)
@@ -188,7 +195,7 @@ def run_jobs(a, inp: str, jobs: dict, env: dict, s3_client=None) -> None:
                 print("   stages: " + ", ".join(f"{s.strip()} {float(v):.1f}s" for s, v in stages))
                 rows = {m[0]: int(m[1].replace(",", "")) for m in re.findall(r"^\s+(\w+)\s+([\d,]+)\s+[\d,]+\s+[\d.]+$",
                                                                             r.stdout, re.M)}
-                figures = s3_layout(s3_client, "bench", "lake") if "s3" in name else layout(out)
+                figures = s3_layout(s3_client, "bench", s3_prefix(out)) if "s3" in name else layout(out)
                 for t, (files, dirs) in figures.items():
                     print(f"   {t:<10} rows {rows.get(t, 0):>12,}  parquet files {files:>7,}  "
                           f"partition dirs {dirs:>7,}")

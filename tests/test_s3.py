@@ -336,3 +336,19 @@ def test_the_jvm_uploads_files_under_their_keys(spark, s3, sample_bucket, tmp_pa
     assert sorted(objects(s3, sample_bucket, "jvm")) == sorted(key for _, key in files)
     body = s3.client().get_object(Bucket=sample_bucket, Key="jvm/year=2001/artist_id=AR211/part-211.parquet")
     assert body["Body"].read() == b"jvm 211" * (211 % 5 + 1)
+
+
+def test_prefetched_objects_are_handed_to_the_read_once(spark, s3, sample_bucket):
+    client = s3.client()
+    keys = [f"pre/d{i % 3}/f{i}.json" for i in range(40)]
+    for i, key in enumerate(keys):
+        client.put_object(Bucket=sample_bucket, Key=key, Body=f'{{"i": {i}}}\n'.encode())
+    etl.configure_s3a(spark, s3_cfg(s3, sample_bucket, "pre"))
+    fs = etl.jvm_s3a(spark, f"s3a://{sample_bucket}/pre")
+    assert fs.prefetch("\n".join(f"s3a://{sample_bucket}/{k}" for k in keys), 8) == 40
+    assert fs.prefetchedWaiting() == 40
+    rows = spark.read.schema("i INT").option("recursiveFileLookup", "true").json(f"s3a://{sample_bucket}/pre/").collect()
+    assert sorted(r.i for r in rows) == list(range(40))
+    assert fs.prefetchedWaiting() == 0  # every read took its object from the prefetch
+    # Read again: nothing waits in memory, so every object is fetched anew, still whole.
+    assert spark.read.schema("i INT").option("recursiveFileLookup", "true").json(f"s3a://{sample_bucket}/pre/").count() == 40
