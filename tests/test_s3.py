@@ -347,8 +347,9 @@ def test_prefetched_objects_are_handed_to_the_read_once(spark, s3, sample_bucket
     fs = etl.jvm_s3a(spark, f"s3a://{sample_bucket}/pre")
     assert fs.prefetch("\n".join(f"s3a://{sample_bucket}/{k}" for k in keys), 8) == 40
     assert fs.prefetchedWaiting() == 40
-    rows = spark.read.schema("i INT").option("recursiveFileLookup", "true").json(f"s3a://{sample_bucket}/pre/").collect()
+    reader = spark.read.schema("i INT").option("recursiveFileLookup", "true")
+    rows = reader.json(f"s3a://{sample_bucket}/pre/").collect()
     assert sorted(r.i for r in rows) == list(range(40))
     assert fs.prefetchedWaiting() == 0  # every read took its object from the prefetch
     # Read again: nothing waits in memory, so every object is fetched anew, still whole.
-    assert spark.read.schema("i INT").option("recursiveFileLookup", "true").json(f"s3a://{sample_bucket}/pre/").count() == 40
+    assert reader.json(f"s3a://{sample_bucket}/pre/").count() == 40
