@@ -1749,8 +1749,11 @@ def run(cfg: Config, spark) -> int:
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
     stages = Stages()
     cfg.input, cfg.output = normalize_path(cfg.input), normalize_path(cfg.output)
-    if any(p.startswith("s3a://") for p in (cfg.input, cfg.output)):
+    s3a_paths = [p for p in (cfg.input, cfg.output) if p.startswith("s3a://")]
+    if s3a_paths:
         configure_s3a(spark, cfg)
+        fs = spark._jvm.org.apache.hadoop.fs.Path(s3a_paths[0]).getFileSystem(spark._jsc.hadoopConfiguration())
+        log.debug("s3a file system: %s", fs.getClass().getName())
     storage = Storage(spark)
     keep: list = []
     lock = None if cfg.dry_run else acquire_lock(storage, cfg.output, run_id, cfg)

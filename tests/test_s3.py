@@ -140,6 +140,7 @@ def test_cli_on_s3_keeps_the_secret_out_of_logs_and_manifest(s3, sample_bucket, 
              "--output", f"s3a://{sample_bucket}/secret-test", "--log-level", "DEBUG", env_extra=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "6,820" in r.stdout
+    assert f"s3a file system: {etl.FAST_S3A}" in r.stderr
     assert s3.secret_key not in r.stdout and s3.secret_key not in r.stderr
     client = s3.client()
     manifest = client.get_object(Bucket=sample_bucket, Key="secret-test/_manifest.json")["Body"].read().decode()
@@ -148,6 +149,19 @@ def test_cli_on_s3_keeps_the_secret_out_of_logs_and_manifest(s3, sample_bucket, 
         for o in page.get("Contents", []):
             body = client.get_object(Bucket=sample_bucket, Key=o["Key"])["Body"].read()
             assert s3.secret_key.encode() not in body, o["Key"]
+
+
+def test_cli_with_the_stock_s3a_file_system_gives_the_same_tables(spark, s3, sample_bucket, tmp_path):
+    """SPARKIFY_FAST_S3A=0 (or no javac): s3a's own reads, boto3's uploads; the same output."""
+    env = dict(s3.env(), SPARKIFY_FAST_S3A="0")
+    r = tool("etl.py", "--input", f"s3a://{sample_bucket}/input", "--output", f"s3a://{sample_bucket}/stock",
+             "--log-level", "DEBUG", env_extra=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "s3a file system: org.apache.hadoop.fs.s3a.S3AFileSystem" in r.stderr
+    local = tmp_path / "local"
+    assert etl.run(etl.load_config(["--input", SAMPLE, "--output", str(local)], environ={}), spark) == 0
+    etl.configure_s3a(spark, s3_cfg(s3, sample_bucket, "stock"))
+    assert table_rows(spark, f"s3a://{sample_bucket}/stock") == table_rows(spark, local)
 
 
 def test_cli_wrong_secret_or_dead_endpoint_exits_2_with_one_line(s3, sample_bucket):
