@@ -125,7 +125,7 @@ def test_cli_default_run_writes_sample_tables_and_prints_summary(tmp_path):
     assert "Traceback" not in r.stderr and " WARN " not in r.stderr
     # One screen: a line per stage with its elapsed time, then the summary; nothing from Java.
     err = job_lines(r.stderr)
-    for stage in ("read input", "build tables", "quality checks", "write songs", "publish"):
+    for stage in ("read input", "build and check", "write songs", "publish"):
         assert any(stage in ln and ln.rstrip().endswith("s)") for ln in err), stage
     assert all(" INFO " in ln for ln in err), r.stderr
     assert len(r.stdout.splitlines()) + len(err) <= 40

@@ -118,6 +118,8 @@ def test_failed_quality_check_exits_1_names_it_and_keeps_previous_output(spark, 
     err = capsys.readouterr().err
     assert "songs.song_id unique" in err and "duplicated key SO" in err
     assert snapshot(previous) == before
+    # the tables were staged while the checks ran: the staging is gone, the lock released
+    assert not (previous / "_staging").exists() and not (previous / "_lock.json").exists()
 
 
 # ---- §6.1 and §6.2 idempotence and crash safety

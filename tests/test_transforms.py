@@ -195,3 +195,54 @@ def test_every_table_matches_the_declared_schema(spark, events_df, songs_df):
         got = [(f.name, f.dataType.simpleString()) for f in built[name].schema.fields]
         want = [(f.name, f.dataType.simpleString()) for f in schema.fields]
         assert got == want, name
+
+
+# ---- §6.4 quality checks (one query for all of them)
+
+
+def check_tables(spark, **changes):
+    """Small consistent tables; changes replace a table's rows."""
+    t = dt.datetime(2018, 11, 1, 12, 0, 0)
+    rows = {
+        "songplays": [(1, t, 7, "free", "S1", "A1", 3, "L", "UA", 2018, 11),
+                      (2, t, 7, "free", None, None, 3, "L", "UA", 2018, 11)],
+        "users": [(7, "F", "L", "M", "free")],
+        "songs": [("S1", "T", "A1", 2000, 1.0)],
+        "artists": [("A1", "N", "L", 1.0, 2.0)],
+        "time": [(t, 12, 1, 44, 11, 2018, 4)],
+    }
+    rows.update(changes)
+    schemas = etl.output_schemas()
+    return {name: spark.createDataFrame(rows[name], schemas[name]) for name in etl.TABLES}
+
+
+def failed_checks(spark, plays=2, **changes):
+    tables = check_tables(spark, **changes)
+    play_rows = spark.range(plays)
+    return {c.name: c.detail for c in etl.run_checks(etl.check_stats(tables, play_rows)) if not c.ok}
+
+
+def test_quality_checks_pass_on_consistent_tables(spark):
+    tables = check_tables(spark)
+    checks = etl.run_checks(etl.check_stats(tables, spark.range(2)))
+    assert len(checks) == 20 and all(c.ok for c in checks)
+
+
+def test_each_quality_check_fails_on_its_defect(spark):
+    t = dt.datetime(2018, 11, 1, 12, 0, 0)
+    late = dt.datetime(2018, 11, 2, 8, 30, 0)
+    user = (7, "F", "L", "M", "free")
+    assert failed_checks(spark, users=[user, user, (8, "G", "H", "F", "paid")]) == {
+        "users.user_id unique": "1 extra rows, e.g. duplicated key 7"}
+    assert failed_checks(spark, songs=[("S1", "T", "A1", 2000, 1.0), (None, "T", "A1", 2000, 1.0)]) == {
+        "songs.song_id not null": "1 rows have a null key"}
+    assert failed_checks(spark, time=[(late, 8, 2, 44, 11, 2018, 5)]) == {
+        "songplays.start_time in time": "no time row for 2018-11-01 12:00:00"}
+    assert failed_checks(spark, artists=[]) == {
+        "artists not empty": "0 rows", "songplays.artist_id in artists": "no artists row for A1"}
+    assert failed_checks(spark, plays=3) == {
+        "songplays = distinct NextSong events": "2 rows, 3 distinct events"}
+    sp = (5, t, 9, "paid", "S1", "A1", 4, "L", "UA", 2018, 11)
+    assert failed_checks(spark, songplays=[sp, sp]) == {
+        "songplays.songplay_id unique": "1 extra rows, e.g. duplicated key 5",
+        "songplays.user_id in users": "no users row for 9"}
