@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sample (data/) and writes ./output/.",
         epilog="Precedence: command line > environment (SPARKIFY_INPUT, SPARKIFY_OUTPUT, AWS_*, "
         "S3_ENDPOINT_URL) > dl.cfg > defaults.  Exit codes: 0 success, 1 a data quality check "
-        "failed (nothing written), 2 usage, configuration or input error.",
+        "failed (nothing published), 2 usage, configuration or input error.",
     )
     p.add_argument("--input", help="input root holding song_data/ and log_data/: a local path, "
                    "s3a://bucket/prefix or s3://bucket/prefix (default: the bundled sample, data/)")
@@ -947,6 +947,12 @@ def build_spark(cfg: Config, app_name: str = "sparkify-etl"):
             # it saves when the whole job lasts seconds (sample: 12.5 s -> 9.1 s); on large
             # inputs C2's faster code wins, so they keep the default.
             java_opts.append("-XX:TieredStopAtLevel=1")
+        else:
+            # Less inlining for the optimizing compiler: the JIT's C2 spent about 21 of the run's
+            # CPU-seconds at M compiling Spark's generated code; these limits cut that to about 14
+            # (M: 41.4 s -> 37.6 s, medians of 3 side by side).
+            java_opts += ["-XX:+IgnoreUnrecognizedVMOptions", "-XX:FreqInlineSize=100",
+                          "-XX:InlineSmallCode=1000", "-XX:MaxNodeLimit=30000"]
         builder = builder.config("spark.driver.extraJavaOptions", " ".join(java_opts))
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(SPARK_LOG_LEVELS[cfg.log_level].upper())
@@ -1799,7 +1805,7 @@ class CheckGate:
         failed = [c for c in checks if not c.ok]
         if failed:
             self._on_fail(counts, checks)
-            raise CheckFailed("quality check failed, nothing written: "
+            raise CheckFailed("quality check failed, nothing published: "
                               + "; ".join(f"{c.name} ({c.detail})" for c in failed))
         return counts, checks
 
