@@ -2054,6 +2054,25 @@ def local_staging_root(manifest: dict) -> str | None:
     return None
 
 
+STAGING_NAME = re.compile(r"sparkify-\d{8}T\d{6}Z-[0-9a-f]{6}-(\d+)-")
+
+
+def clean_stale_staging(root: str | None) -> None:
+    """Delete the upload staging folders of runs on this machine that died without cleaning up
+    (SIGKILL, out of memory): on /dev/shm such a folder holds memory until it is deleted.  A
+    folder is named after its run and process; it is stale once that process is gone."""
+    root = root or tempfile.gettempdir()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        m = STAGING_NAME.match(name)
+        if m and not pid_alive(m.group(1)):
+            log.warning("deleting the staging folder %s of a run that died", os.path.join(root, name))
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
 def delete_keys(client, bucket: str, keys: Sequence[str]) -> None:
     batches = [keys[i:i + 1000] for i in range(0, len(keys), 1000)]
 
@@ -2075,7 +2094,9 @@ def load_by_upload(spark, cfg: Config, run_id: str, tables: dict, extra: dict, b
     manifest) or completed (after it) by the next run."""
     bucket, prefix = split_s3(cfg.output)
     base = f"{prefix}/" if prefix else ""
-    local = tempfile.mkdtemp(prefix=f"sparkify-{run_id}-", dir=local_staging_root(manifest))
+    root = local_staging_root(manifest)
+    clean_stale_staging(root)
+    local = tempfile.mkdtemp(prefix=f"sparkify-{run_id}-{os.getpid()}-", dir=root)
     log.debug("staging the tables in %s", local)
     try:
         _write_all(tables, extra, f"file://{local}", stages, pool, bounds)

@@ -224,9 +224,20 @@ def manifest_of(s3, bucket, prefix):
     return json.loads(s3.client().get_object(Bucket=bucket, Key=f"{prefix}/_manifest.json")["Body"].read())
 
 
-def test_rerun_on_s3_replaces_every_object_and_leaves_nothing_behind(spark, s3, sample_bucket, s3_lake):
+def test_rerun_on_s3_replaces_every_object_and_leaves_nothing_behind(spark, s3, sample_bucket, s3_lake,
+                                                                    monkeypatch, tmp_path):
+    # the staging folders of a run that died (its process is gone) and of one still running
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = tmp_path / f"sparkify-20261101T000000Z-abc123-{gone.pid}-x1"
+    alive = tmp_path / f"sparkify-20261101T000000Z-def456-{os.getpid()}-x2"
+    for d in (dead, alive):
+        (d / "songs").mkdir(parents=True)
+        (d / "songs" / "part-0.parquet").write_bytes(b"staged")
+    monkeypatch.setenv("SPARKIFY_STAGING_DIR", str(tmp_path))
     first = objects(s3, sample_bucket, s3_lake)
     assert etl.run(s3_cfg(s3, sample_bucket, s3_lake), spark) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name]  # the dead run's and this run's are gone
     after = objects(s3, sample_bucket, s3_lake)
     manifest = manifest_of(s3, sample_bucket, s3_lake)
     data = {k for k in after if not k.startswith((f"{s3_lake}/_state/", f"{s3_lake}/_rejects/"))}
