@@ -246,6 +246,25 @@ def test_rerun_on_s3_replaces_every_object_and_leaves_nothing_behind(spark, s3, 
     assert len(manifest["tables"]["songs"]["files"]) == 69
 
 
+def test_failed_check_on_s3_uploads_nothing_and_leaves_no_staging(spark, s3, sample_bucket, s3_lake, monkeypatch,
+                                                                  tmp_path, capsys):
+    # The tables are staged while the checks run: a failed check must stop before the upload.
+    before = objects(s3, sample_bucket, s3_lake)
+    real_state = etl.users_state
+
+    def with_duplicate(events, previous_state=None):
+        df = real_state(events, previous_state)
+        return df.unionByName(df.orderBy("user_id").limit(1))
+
+    monkeypatch.setattr(etl, "users_state", with_duplicate)
+    monkeypatch.setenv("SPARKIFY_STAGING_DIR", str(tmp_path))
+    assert etl.main(["--input", f"s3a://{sample_bucket}/input", "--output", f"s3a://{sample_bucket}/{s3_lake}",
+                     "--config", str(keys_cfg(s3, monkeypatch))], spark=spark) == 1
+    assert "users.user_id unique" in capsys.readouterr().err
+    assert objects(s3, sample_bucket, s3_lake) == before  # nothing uploaded, nothing deleted, no lock left
+    assert list(tmp_path.iterdir()) == []  # the staged tables are gone
+
+
 def test_upload_interrupted_before_the_manifest_is_rolled_back(spark, s3, sample_bucket, s3_lake, monkeypatch):
     before = objects(s3, sample_bucket, s3_lake)
     real = etl.upload_files
