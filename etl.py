@@ -31,6 +31,7 @@ import uuid
 from dataclasses import dataclass, field
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from typing import Callable
 
 __version__ = "1.0.0"
@@ -1809,6 +1810,13 @@ class CheckGate:
                               + "; ".join(f"{c.name} ({c.detail})" for c in failed))
         return counts, checks
 
+    def cancel(self, sc) -> None:
+        """Cancel the checks' query until it has ended: it may not have reached Spark yet when
+        the run fails, so one cancel is not enough."""
+        while not self._future.done():
+            sc.cancelAllJobs()
+            wait_futures([self._future], timeout=0.5)
+
     def manifest(self, manifest: dict) -> dict:
         """manifest with the checks and every table's rows (waits for the verdict)."""
         counts, checks = self.wait()
@@ -1830,6 +1838,7 @@ def run(cfg: Config, spark) -> int:
     keep: list = []
     lock = None if cfg.dry_run else acquire_lock(storage, cfg.output, run_id, cfg)
     pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sparkify-job")
+    gate = None
     try:
         if lock:
             recover_publish(spark, storage, cfg.output, cfg)
@@ -1880,6 +1889,13 @@ def run(cfg: Config, spark) -> int:
         counts, checks = gate.wait()
         print_summary(cfg, run_id, counts, files, seconds, x.rejects, checks, stages.elapsed())
         return EXIT_OK
+    except BaseException:
+        # A failed write or check ends the run: stop the queries still running (the checks'
+        # query above all) instead of waiting for them.
+        spark.sparkContext.cancelAllJobs()
+        if gate is not None:
+            gate.cancel(spark.sparkContext)
+        raise
     finally:
         pool.shutdown(wait=True)
         for df in keep:
@@ -2054,13 +2070,19 @@ def local_staging_root(manifest: dict) -> str | None:
     return None
 
 
-STAGING_NAME = re.compile(r"sparkify-\d{8}T\d{6}Z-[0-9a-f]{6}-(\d+)-")
+STAGING_NAME = re.compile(r"sparkify-\d{8}T\d{6}Z-[0-9a-f]{6}-(.+)-(\d+)-[^-]*$")
+
+
+def staging_prefix(run_id: str) -> str:
+    """The name of a run's upload staging folder, up to mkdtemp's random suffix."""
+    return f"sparkify-{run_id}-{socket.gethostname()}-{os.getpid()}-"
 
 
 def clean_stale_staging(root: str | None) -> None:
     """Delete the upload staging folders of runs on this machine that died without cleaning up
     (SIGKILL, out of memory): on /dev/shm such a folder holds memory until it is deleted.  A
-    folder is named after its run and process; it is stale once that process is gone."""
+    folder is named after its run, host and process; it is stale once that process is gone from
+    this host (a folder of another host, on a shared disk, is left alone)."""
     root = root or tempfile.gettempdir()
     try:
         names = os.listdir(root)
@@ -2068,7 +2090,7 @@ def clean_stale_staging(root: str | None) -> None:
         return
     for name in names:
         m = STAGING_NAME.match(name)
-        if m and not pid_alive(m.group(1)):
+        if m and m.group(1) == socket.gethostname() and not pid_alive(m.group(2)):
             log.warning("deleting the staging folder %s of a run that died", os.path.join(root, name))
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
@@ -2096,7 +2118,7 @@ def load_by_upload(spark, cfg: Config, run_id: str, tables: dict, extra: dict, b
     base = f"{prefix}/" if prefix else ""
     root = local_staging_root(manifest)
     clean_stale_staging(root)
-    local = tempfile.mkdtemp(prefix=f"sparkify-{run_id}-{os.getpid()}-", dir=root)
+    local = tempfile.mkdtemp(prefix=staging_prefix(run_id), dir=root)
     log.debug("staging the tables in %s", local)
     try:
         _write_all(tables, extra, f"file://{local}", stages, pool, bounds)

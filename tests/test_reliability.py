@@ -143,6 +143,27 @@ def test_failure_while_writing_leaves_previous_output_unchanged(spark, previous,
     assert {t: df.count() for t, df in read_tables(spark, previous).items()}["songplays"] == 6820
 
 
+def test_failed_write_stops_the_checks_query_instead_of_waiting_for_it(spark, previous, monkeypatch):
+    # The checks' query runs while the tables are staged; here it would take 150 s.
+    before = snapshot(previous)
+    real = etl.check_stats
+
+    def slow_check_stats(tables, play_rows):
+        spark.sparkContext.parallelize(range(2), 2).foreach(lambda _: time.sleep(150))
+        return real(tables, play_rows)
+
+    def failing(df, path, *a, **kw):
+        raise RuntimeError("disk full (injected)")
+
+    monkeypatch.setattr(etl, "check_stats", slow_check_stats)
+    monkeypatch.setattr(etl, "write_table", failing)
+    t = time.monotonic()
+    assert main(spark, "--input", SAMPLE, "--output", previous) == 2
+    assert time.monotonic() - t < 60  # the slow query was cancelled, not waited for
+    assert snapshot(previous) == before
+    assert not (previous / "_staging").exists() and not (previous / "_lock.json").exists()
+
+
 def interrupt_publish(spark, out, monkeypatch, at_move):
     """Run the job with the publish killed at its at_move-th move (the process dies there)."""
     real, calls = etl.Storage.rename, []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -229,15 +230,18 @@ def test_rerun_on_s3_replaces_every_object_and_leaves_nothing_behind(spark, s3, 
     # the staging folders of a run that died (its process is gone) and of one still running
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    dead = tmp_path / f"sparkify-20261101T000000Z-abc123-{gone.pid}-x1"
-    alive = tmp_path / f"sparkify-20261101T000000Z-def456-{os.getpid()}-x2"
-    for d in (dead, alive):
+    host = socket.gethostname()
+    dead = tmp_path / f"sparkify-20261101T000000Z-abc123-{host}-{gone.pid}-x1"
+    alive = tmp_path / f"sparkify-20261101T000000Z-def456-{host}-{os.getpid()}-x2"
+    elsewhere = tmp_path / f"sparkify-20261101T000000Z-fed789-other-host.example-{gone.pid}-x3"
+    for d in (dead, alive, elsewhere):
         (d / "songs").mkdir(parents=True)
         (d / "songs" / "part-0.parquet").write_bytes(b"staged")
     monkeypatch.setenv("SPARKIFY_STAGING_DIR", str(tmp_path))
     first = objects(s3, sample_bucket, s3_lake)
     assert etl.run(s3_cfg(s3, sample_bucket, s3_lake), spark) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name]  # the dead run's and this run's are gone
+    # the dead run's folder and this run's are gone; another host's pid says nothing here
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name])
     after = objects(s3, sample_bucket, s3_lake)
     manifest = manifest_of(s3, sample_bucket, s3_lake)
     data = {k for k in after if not k.startswith((f"{s3_lake}/_state/", f"{s3_lake}/_rejects/"))}
