@@ -8,9 +8,9 @@ One self-contained file, so that ``spark-submit etl.py`` needs no ``--py-files``
     spark-submit etl.py --input s3://bucket/raw --output s3://bucket/lake   # on EMR
 
 Stages: config -> SparkSession -> extract (explicit schemas, one read of each input) -> pure
-transforms, one per table -> quality checks -> load (staged, then published; the manifest is
-written last) -> run summary.  Exit codes: 0 ok, 1 a data quality check failed, 2 usage,
-configuration or input error.
+transforms, one per table -> quality checks (one query) alongside the staging writes -> publish
+when every check passed (the manifest is written last) -> run summary.  Exit codes: 0 ok, 1 a
+data quality check failed, 2 usage, configuration or input error.
 """
 from __future__ import annotations
 
