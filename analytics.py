@@ -319,7 +319,7 @@ def main(argv: Sequence[str] | None = None, spark=None, out=None) -> int:
         return etl.EXIT_USAGE
     finally:
         if own and spark is not None:
-            spark.stop()
+            etl.stop_spark(spark)
 
 
 if __name__ == "__main__":

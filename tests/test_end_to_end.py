@@ -101,8 +101,8 @@ def test_dry_run_writes_nothing(spark, tmp_path, capsys):
 # ---- the command line, as a user runs it
 
 
-def cli(*args, cwd=None, timeout=300):
-    env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable)
+def cli(*args, cwd=None, timeout=300, **extra_env):
+    env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable, **extra_env)
     for k in ("SPARKIFY_INPUT", "SPARKIFY_OUTPUT"):
         env.pop(k, None)
     return subprocess.run([sys.executable, os.path.join(ROOT, "etl.py"), *args], cwd=cwd, env=env,
@@ -205,3 +205,40 @@ def test_full_catalogue(spark, full_input, tmp_path):
                .groupBy("title").agg(F.count("*").alias("n")).collect()}
     assert [plays for _, _, plays, _ in top] == sorted(by_song.values(), reverse=True)[:10]
     assert all(by_song[title] == plays for title, _, plays, _ in top)
+
+
+# ---- the JVM's class archive: written by the first run, mapped by the next ones
+
+
+def test_class_archive_written_once_then_mapped_and_a_damaged_one_is_replaced(tmp_path):
+    env = {"SPARKIFY_JARS_DIR": str(tmp_path / "cache" / "jars")}
+    first = cli("--output", str(tmp_path / "o1"), **env)
+    assert first.returncode == 0, first.stderr
+    assert "saving the JVM's classes" in first.stderr
+    archives = glob.glob(str(tmp_path / "cache" / "jvm-classes-*.jsa"))
+    assert len(archives) == 1, os.listdir(tmp_path / "cache")
+    archive = archives[0]
+    with open(archive + ".size") as f:
+        assert int(f.read()) == os.path.getsize(archive) > 10_000_000
+    assert not glob.glob(archive + ".*.tmp")
+    # The next run's JVM loads Spark's classes from the archive: its class-loading log says so.
+    classes = tmp_path / "classes.log"
+    second = cli("--output", str(tmp_path / "o2"), JAVA_TOOL_OPTIONS=f"-Xlog:class+load=info:file={classes}",
+                 **env)
+    assert second.returncode == 0, second.stderr
+    assert "saving the JVM's classes" not in second.stderr
+    loaded = classes.read_text()
+    assert "org.apache.spark.sql.SparkSession source: shared objects file (top)" in loaded
+    assert "org.apache.spark.sql.execution.datasources.parquet.ParquetFileFormat source: shared objects " \
+           "file (top)" in loaded
+    # A cut-off archive whose recorded size matches (the JVM crashes on it at start): the run
+    # starts without it, succeeds, and drops it.
+    with open(archive, "r+b") as f:
+        f.truncate(os.path.getsize(archive) // 2)
+    with open(archive + ".size", "w") as f:
+        f.write(str(os.path.getsize(archive)))
+    third = cli("--output", str(tmp_path / "o3"), cwd=tmp_path, **env)
+    assert third.returncode == 0, third.stderr
+    assert "did not start with its class archive" in third.stderr
+    assert not os.path.exists(archive)
+    assert not glob.glob(str(tmp_path / "hs_err*")), "the crash left a JVM error file in the working folder"

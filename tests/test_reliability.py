@@ -311,3 +311,34 @@ def test_stale_lock_is_taken_over_with_force_or_when_its_process_is_gone(spark, 
     old = dict(live, since_epoch=time.time() - 7 * 3600)
     lock.write_text(json.dumps(old))
     assert main(spark, "--input", SAMPLE, "--output", out) == 0
+
+
+def test_class_archive_options(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARKIFY_JARS_DIR", str(tmp_path / "jars"))
+    archive = etl.class_archive("/x/fast.jar", 1.0)
+    assert os.path.dirname(archive) == str(tmp_path)
+    assert archive != etl.class_archive("/y/other.jar", 1.0) != etl.class_archive("/x/fast.jar", 40.0)
+    # None yet: this run writes it, to a file of its own.
+    opts, writing = etl.class_archive_options(archive)
+    assert writing == f"{archive}.{os.getpid()}.tmp" and f"-XX:ArchiveClassesAtExit={writing}" in opts
+    # Another live run is writing it: neither writes nor maps one.
+    open(writing, "w").close()
+    assert etl.class_archive_options(archive) == ([], None)
+    # A dead run's unfinished file is removed and written anew.
+    os.replace(writing, f"{archive}.999999999.tmp")
+    opts, writing = etl.class_archive_options(archive)
+    assert writing and not os.path.exists(f"{archive}.999999999.tmp")
+    # A whole archive (its recorded size matches) is mapped; a cut-off one is not.
+    with open(archive, "wb") as f:
+        f.write(b"x" * 100)
+    with open(archive + ".size", "w") as f:
+        f.write("100")
+    opts, writing = etl.class_archive_options(archive)
+    assert writing is None and f"-XX:SharedArchiveFile={archive}" in opts
+    with open(archive + ".size", "w") as f:
+        f.write("200")
+    assert "-XX:ArchiveClassesAtExit" in " ".join(etl.class_archive_options(archive)[0])
+    monkeypatch.setenv("SPARKIFY_CLASS_CACHE", "0")
+    assert etl.class_archive("/x/fast.jar", 1.0) is None
+    assert etl.class_archive_options(None) == ([], None)
+    assert etl.memory_gb("12g") == 12 and etl.memory_gb("4096m") == 4 and etl.memory_gb("?") == 1
