@@ -462,7 +462,7 @@ def s3_preflight(cfg: Config, path: str, must_hold: Sequence[str] = ()) -> None:
 
 
 def spark_settings(cfg: Config) -> dict:
-    """Spark settings the job relies on; see README 'Why these settings'."""
+    """Spark settings the job relies on (README: How a run works, Benchmarks)."""
     return {
         # All time fields are UTC; the transforms do not depend on it, display does.
         "spark.sql.session.timeZone": "UTC",

@@ -40,6 +40,21 @@ etl.stop_spark(spark)
 """
 
 
+# The same read on a session with Spark's defaults (no settings, JVM options or class archive of
+# etl.py's): for context only; the yardstick is BARE_READ, the start etl.py itself gets.
+BARE_READ_DEFAULTS = f"""
+import os, sys
+sys.path.insert(0, {ROOT!r})
+import etl
+from pyspark.sql import SparkSession
+spark = SparkSession.builder.getOrCreate()
+spark.sparkContext.setLogLevel("ERROR")
+for name, schema in (("song_data", etl.song_schema()), ("log_data", etl.log_schema())):
+    etl.read_json(spark, [os.path.join(sys.argv[1], name)], schema).count()
+spark.stop()
+"""
+
+
 def input_for(scale: str) -> str:
     if scale == "sample":
         return os.path.join(ROOT, "data")
@@ -177,6 +192,7 @@ def s3_prefix(out: str) -> str:
 def run_jobs(a, inp: str, jobs: dict, env: dict, s3_client=None) -> None:
     if a.bare_read:
         jobs["bare read"] = lambda out: [sys.executable, "-c", BARE_READ, inp]
+        jobs["bare defaults"] = lambda out: [sys.executable, "-c", BARE_READ_DEFAULTS, inp]
     if a.course_style:
         jobs["course-style"] = lambda out: [sys.executable, os.path.join(SHARED, "bench", "course_style_etl.py"),
                                             inp, out]
@@ -203,6 +219,9 @@ def run_jobs(a, inp: str, jobs: dict, env: dict, s3_client=None) -> None:
     med = {name: statistics.median(v) for name, v in walls.items()}
     for name, m in med.items():
         print(f"  {name:<13} {m:7.1f}s" + (f"   ({m / med['etl.py']:.1f}x etl.py)" if name != "etl.py" else ""))
+    for name in ("bare read", "bare defaults"):
+        if name in med:
+            print(f"  etl.py = {med['etl.py'] / med[name]:.2f}x {name}")
 
 
 if __name__ == "__main__":
