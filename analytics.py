@@ -319,7 +319,7 @@ def main(argv: Sequence[str] | None = None, spark=None, out=None) -> int:
         return etl.EXIT_USAGE
     finally:
         if own and spark is not None:
-            etl.stop_spark(spark)
+            etl.stop_spark(spark, quiet=True)  # its stderr carries no log lines
 
 
 if __name__ == "__main__":

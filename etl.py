@@ -659,7 +659,7 @@ def class_archive_options(archive: str | None) -> tuple:
     return [*CDS_QUIET, f"-XX:ArchiveClassesAtExit={tmp}"], tmp
 
 
-def finish_class_archive(archive: str, tmp: str) -> None:
+def finish_class_archive(archive: str, tmp: str, quiet: bool = False) -> None:
     """After a run that writes the class archive: end the JVM now (it writes the archive as it
     exits) and keep the archive if the JVM wrote it and exited cleanly."""
     from pyspark import SparkContext
@@ -667,7 +667,7 @@ def finish_class_archive(archive: str, tmp: str) -> None:
     proc = getattr(SparkContext._gateway, "proc", None)
     if proc is None or proc.stdin is None:
         return
-    log.info("saving the JVM's classes for faster starts (once)")
+    (log.debug if quiet else log.info)("saving the JVM's classes for faster starts (once)")
     try:
         proc.stdin.close()  # the gateway JVM exits at the end of its input
         code = proc.wait(timeout=120)
@@ -1100,13 +1100,13 @@ def memory_gb(text: str) -> float:
     return float(m.group(1)) * {"k": 2**-20, "m": 2**-10, "g": 1, "t": 2**10, "": 2**-30}[m.group(2)]
 
 
-def stop_spark(spark) -> None:
+def stop_spark(spark, quiet: bool = False) -> None:
     """Stop a session build_spark made; after the run that writes the class archive, also end the
-    JVM so that the archive is complete before it is used."""
+    JVM so that the archive is complete before it is used (quiet: without saying so)."""
     spark.stop()
     archive, writing = getattr(spark, "_sparkify_archive", (None, None))
     if writing:
-        finish_class_archive(archive, writing)
+        finish_class_archive(archive, writing, quiet)
 
 
 class Storage:
