@@ -1041,7 +1041,8 @@ def build_spark(cfg: Config, app_name: str = "sparkify-etl"):
             builder = builder.config(key, value)
     if "PYSPARK_GATEWAY_PORT" not in os.environ:
         # etl.py launches the JVM itself (python etl.py, not spark-submit): its logging is ours.
-        for key, value in fast_local_fs_settings().items():
+        fast_fs = fast_local_fs_settings()
+        for key, value in fast_fs.items():
             builder = builder.config(key, value)
         small = small_input(cfg)
         memory = "1g"
@@ -1070,7 +1071,7 @@ def build_spark(cfg: Config, app_name: str = "sparkify-etl"):
                           "-XX:InlineSmallCode=1000", "-XX:MaxNodeLimit=30000",
                           "-XX:Tier4InvocationThreshold=100000", "-XX:Tier4CompileThreshold=120000",
                           "-XX:Tier4BackEdgeThreshold=500000"]
-        archive = class_archive(builder._options.get("spark.driver.extraClassPath", ""), memory_gb(memory))
+        archive = class_archive(fast_fs.get("spark.driver.extraClassPath", ""), memory_gb(memory))
         cds, writing = class_archive_options(archive)
         builder = builder.config("spark.driver.extraJavaOptions", " ".join(java_opts + cds))
         try:
@@ -1078,8 +1079,12 @@ def build_spark(cfg: Config, app_name: str = "sparkify-etl"):
         except Exception:
             if not cds:
                 raise
-            # A damaged archive stops the JVM at start: start without it, and write it anew.
-            log.warning("the JVM did not start with its class archive %s; starting without it", archive)
+            # A damaged archive stops the JVM at start: start without it (the next run writes
+            # it anew).  Any other failure repeats without the archive options and is raised.
+            if writing:
+                log.debug("the JVM did not start while set to write its class archive; retrying without")
+            else:
+                log.warning("the JVM did not start with its class archive %s; starting without it", archive)
             for path in (archive, archive + ".size", writing):
                 with contextlib.suppress(OSError, TypeError):
                     os.remove(path)
