@@ -971,6 +971,13 @@ def log4j2_config(level: str) -> str:
     if level != "DEBUG":
         for i, name in enumerate(NOISY_LOGGERS):
             lines += [f"logger.quiet{i}.name = {name}", f"logger.quiet{i}.level = error"]
+        # Two of the job's concurrent queries may compute the same persisted partition; the
+        # second copy is dropped with a warning that asks nothing of the user.
+        lines += ["logger.blocks.name = org.apache.spark.storage.BlockManager",
+                  "logger.blocks.filter.dup.type = RegexFilter",
+                  "logger.blocks.filter.dup.regex = .*already exists on this machine.*",
+                  "logger.blocks.filter.dup.onMatch = DENY",
+                  "logger.blocks.filter.dup.onMismatch = NEUTRAL"]
     path = os.path.join(tempfile.gettempdir(), f"sparkify-log4j2-{level.lower()}-{os.getuid()}.properties")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
