@@ -248,15 +248,15 @@ def test_job_log_drops_only_the_duplicate_block_warning(tmp_path):
     """Concurrent queries may compute one persisted partition twice; Spark's warning about the
     dropped copy is filtered out of the job's log, its other warnings are not."""
     code = (
-        "import sys; sys.path.insert(0, %r)\n"
+        f"import sys; sys.path.insert(0, {ROOT!r})\n"
         "import etl\n"
-        "cfg = etl.load_config(['--output', %r])\n"
+        f"cfg = etl.load_config(['--output', {str(tmp_path / 'o')!r}])\n"
         "spark = etl.build_spark(cfg)\n"
         "logger = spark._jvm.org.apache.logging.log4j.LogManager.getLogger("
         "'org.apache.spark.storage.BlockManager')\n"
         "logger.warn('Block rdd_162_0 already exists on this machine; not re-adding it')\n"
         "logger.warn('Putting block rdd_7_0 failed')\n"
-        "etl.stop_spark(spark)\n" % (ROOT, str(tmp_path / "o")))
+        "etl.stop_spark(spark)\n")
     env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                        check=False)
