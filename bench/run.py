@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -101,21 +102,57 @@ def tree_rss_mb(pid: int) -> float:
 
 
 def timed(cmd: list, env: dict) -> tuple:
-    """(wall seconds, peak RSS of the whole process tree in MB, completed process)."""
+    """(wall seconds, peak RSS of the whole process tree in MB, completed process).  The wall time
+    ends when the process exits (not at the next memory sample), and the disk's pending writes of
+    earlier runs are flushed before it starts, so that one run's writeback is not timed in the next."""
+    os.sync()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True)
-        peak = 0.0
-        while proc.poll() is None:
-            peak = max(peak, tree_rss_mb(proc.pid))
-            time.sleep(0.25)
+        peak = [0.0]
+
+        def sample() -> None:
+            while proc.poll() is None:
+                peak[0] = max(peak[0], tree_rss_mb(proc.pid))
+                time.sleep(0.25)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        proc.wait()
         wall = time.perf_counter() - t
+        sampler.join()
         out.seek(0)
         err.seek(0)
         r = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
     if r.returncode != 0:
         sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
-    return wall, peak, r
+    return wall, peak[0], r
+
+
+# Creating files on a disk soon after many were deleted can cost far more than creating them on
+# a quiet one: on this project's machine (ext4 without a journal) every new inode is checked
+# against recently deleted ones for a minute after a deletion (the kernel's recently_deleted());
+# writing the songs table's 8,030 directories took 9-12 s right after the previous output was
+# deleted, against about 1.5 s on /dev/shm.  So a run never writes where an earlier run was just
+# deleted: every run gets a new output folder, and the outputs of earlier benchmarks are deleted
+# before the first timed run, followed by a pause long enough for that window to pass.
+SETTLE_SECONDS = 65
+
+
+def retire_old_outputs() -> None:
+    """Delete the outputs of earlier benchmarks (lake-*, the S3 server's folder), then wait until
+    the deletions no longer slow down file creation."""
+    if not os.path.isdir(WORK):
+        return
+    old = [os.path.join(WORK, d) for d in os.listdir(WORK) if d.startswith("lake-") or d == "seaweedfs"]
+    if not old:
+        return
+    print(f"deleting {len(old)} earlier outputs in {WORK}, then waiting {SETTLE_SECONDS}s for the disk "
+          "to settle", flush=True)
+    for d in old:
+        shutil.rmtree(d, ignore_errors=True)
+    os.sync()
+    time.sleep(SETTLE_SECONDS)
 
 
 def layout(out: str) -> dict:
@@ -151,6 +188,7 @@ def main(argv=None) -> None:
                    "on loopback (weed, from requirements-dev.txt), input uploaded once")
     a = p.parse_args(argv)
     inp = input_for(a.scale)
+    retire_old_outputs()
     env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable)
     jobs = {"etl.py": lambda out: [sys.executable, os.path.join(ROOT, "etl.py"), "--input", inp, "--output", out]}
     server = None
@@ -199,10 +237,8 @@ def run_jobs(a, inp: str, jobs: dict, env: dict, s3_client=None) -> None:
     walls = {name: [] for name in jobs}
     for i in range(a.repeat):
         for name, cmd in jobs.items():  # interleaved, so that machine noise hits every job alike
-            out = os.path.join(WORK, f"lake-{a.scale}-{name.replace(' ', '-')}")
-            if "s3" in name:
-                out += f"-run{i + 1}"
-            shutil.rmtree(out, ignore_errors=True)
+            # A new folder (or S3 prefix) per run: nothing is deleted between timed runs.
+            out = os.path.join(WORK, f"lake-{a.scale}-{name.replace(' ', '-')}-run{i + 1}")
             wall, peak, r = timed(cmd(out), env)
             walls[name].append(wall)
             print(f"run {i + 1} {name:<13} {wall:7.1f}s  peak RSS {peak:,.0f} MB (Python + JVM)", flush=True)
