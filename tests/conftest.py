@@ -42,6 +42,7 @@ def spark():
         builder = builder.config(key, value)
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")
+    etl.drop_unused_hadoop_keys(session)  # as build_spark does for python etl.py
     # The session time zone too: the transforms must not rely on spark_settings' UTC.
     session.conf.set("spark.sql.session.timeZone", NON_UTC)
     yield session

@@ -401,3 +401,38 @@ def test_prefetched_objects_are_handed_to_the_read_once(spark, s3, sample_bucket
     assert fs.prefetchedWaiting() == 0  # every read took its object from the prefetch
     # Read again: nothing waits in memory, so every object is fetched anew, still whole.
     assert reader.json(f"s3a://{sample_bucket}/pre/").count() == 40
+
+
+def listing(fs, jvm, path):
+    statuses = fs.listStatus(jvm.org.apache.hadoop.fs.Path(path))
+    return sorted((str(st.getPath()), st.isDirectory(), st.getLen()) for st in statuses)
+
+
+def list_requests(fs):
+    return int(fs.getStorageStatistics().getLong("object_list_request") or 0)
+
+
+def test_a_tree_listed_ahead_gives_each_directory_s3a_s_own_listing_once(spark, s3, sample_bucket):
+    client = s3.client()
+    keys = ["tree/a.json", "tree/A/b.json", "tree/A/B/c.json", "tree/A/B/d.json", "tree/C/e.json",
+            "tree/C/_hidden/f.json", "tree/C/D/E/g.json"]
+    for i, key in enumerate(keys):
+        client.put_object(Bucket=sample_bucket, Key=key, Body=b"x" * (i + 1))
+    client.put_object(Bucket=sample_bucket, Key="tree/empty/", Body=b"")  # a directory marker
+    etl.configure_s3a(spark, s3_cfg(s3, sample_bucket, "tree"))
+    fs, jvm = etl.jvm_s3a(spark, f"s3a://{sample_bucket}/tree"), spark._jvm
+    root = f"s3a://{sample_bucket}/tree"
+    dirs = [root, f"{root}/A", f"{root}/A/B", f"{root}/C", f"{root}/C/_hidden", f"{root}/C/D", f"{root}/C/D/E"]
+    assert fs.listTree(root) == len(keys)
+    before = list_requests(fs)
+    ahead = {d: listing(fs, jvm, d) for d in dirs}
+    assert list_requests(fs) == before  # every directory came from the listing made ahead
+    own = {d: listing(fs, jvm, d) for d in dirs}  # handed out once: now s3a lists each itself
+    assert list_requests(fs) > before
+    assert ahead == own
+    assert (f"{root}/A/B/c.json", False, 3) in ahead[f"{root}/A/B"]
+    # Spark's recursive read over the listing made ahead finds every file, hidden ones left out.
+    assert fs.listTree(root) == len(keys)
+    rows = spark.read.option("recursiveFileLookup", "true").text(root).count()
+    assert rows == len(keys) - 1
+    fs.clearPrefetched()
