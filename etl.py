@@ -520,13 +520,18 @@ public class FastLocalFileSystem extends LocalFileSystem {
   }
 
   /** Remove the keys starting with prefix from conf; returns how many.  The HDFS client's
-   *  default resources are added first: Hadoop adds them when the HDFS classes load, and adding
-   *  a default resource reloads every configuration's keys, the removed ones too. */
+   *  default resources and s3a's deprecated keys are added first: Hadoop adds them when those
+   *  classes load, and that reloads every configuration's keys, the removed ones too. */
   public static int dropKeys(Configuration conf, String prefix) {
     try {
       Class.forName("org.apache.hadoop.hdfs.HdfsConfiguration").getMethod("init").invoke(null);
     } catch (ReflectiveOperationException | LinkageError e) {
       // no HDFS client on the class path: nothing will reload the keys
+    }
+    try {  // through conf's class loader, which sees the jars Spark added (s3a's among them)
+      conf.getClassByNameOrNull("org.apache.hadoop.fs.s3a.S3AFileSystem");
+    } catch (LinkageError e) {
+      // s3a present but not loadable: the keys stay out until something reloads them
     }
     List<String> keys = new ArrayList<>();
     for (Map.Entry<String, String> e : conf) {

@@ -3,6 +3,7 @@ and with ANSI mode on, so that every test also proves the job does not depend on
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -147,3 +148,27 @@ def s3(tmp_path_factory):
     server = s3server.start(str(tmp_path_factory.mktemp("seaweedfs")))
     yield server
     server.stop()
+
+
+YARN_KEYS_AFTER_A_RUN = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import etl
+cfg = etl.load_config(["--input", sys.argv[2], "--output", sys.argv[3]])
+spark = etl.build_spark(cfg)
+assert etl.run(cfg, spark) == 0
+conf = spark._jsc.hadoopConfiguration()
+print(conf.get("fs.file.impl"), conf.getValByRegex("^yarn[.]").size(), conf.getValByRegex("^mapreduce[.]").size())
+etl.stop_spark(spark)
+"""
+
+
+def hadoop_keys_after_a_run(inp: str, out: str, env_extra: dict | None = None) -> tuple:
+    """A whole run in a JVM of the job's own (as python etl.py starts it): its Hadoop configuration's
+    fs.file.impl and how many yarn.* and mapreduce.* keys it holds at the end."""
+    r = subprocess.run([sys.executable, "-c", YARN_KEYS_AFTER_A_RUN, ROOT, inp, out],
+                       env=dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", **(env_extra or {})),
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    impl, yarn, mapreduce = r.stdout.strip().splitlines()[-1].split()
+    return impl, int(yarn), int(mapreduce)

@@ -10,7 +10,7 @@ import tarfile
 
 import pytest
 from pyspark.sql import functions as F
-from conftest import ROOT, SAMPLE, SHARED_DATA, job_lines, read_tables, run_job
+from conftest import ROOT, SAMPLE, SHARED_DATA, hadoop_keys_after_a_run, job_lines, read_tables, run_job
 
 import analytics
 import etl
@@ -72,29 +72,12 @@ def test_fast_local_file_system_is_used_and_sets_ordinary_permissions(spark, sam
     assert [f for _, _, fs in os.walk(sample_lake) for f in fs if f.endswith(".crc")] == []
 
 
-YARN_KEYS_AFTER_A_RUN = """
-import sys
-sys.path.insert(0, sys.argv[1])
-import etl
-cfg = etl.load_config(["--input", sys.argv[2], "--output", sys.argv[3]])
-spark = etl.build_spark(cfg)
-assert etl.run(cfg, spark) == 0
-conf = spark._jsc.hadoopConfiguration()
-print(conf.get("fs.file.impl"), conf.getValByRegex("^yarn[.]").size(), conf.getValByRegex("^mapreduce[.]").size())
-etl.stop_spark(spark)
-"""
-
-
 def test_yarn_settings_stay_out_of_the_hadoop_configuration_after_a_run(tmp_path):
     # A JVM of the job's own (the way python etl.py starts it): the run loads the HDFS and file
     # system classes, whose default resources would reload every key removed before them.
-    r = subprocess.run([sys.executable, "-c", YARN_KEYS_AFTER_A_RUN, ROOT, SAMPLE, str(tmp_path / "out")],
-                       env=dict(os.environ, SPARK_LOCAL_IP="127.0.0.1"), capture_output=True, text=True,
-                       timeout=300, check=False)
-    assert r.returncode == 0, r.stderr
-    impl, yarn, mapreduce = r.stdout.strip().splitlines()[-1].split()
-    assert (impl, yarn) == (etl.FAST_LOCAL_FS, "0")
-    assert int(mapreduce) > 100  # the rest stays
+    impl, yarn, mapreduce = hadoop_keys_after_a_run(SAMPLE, str(tmp_path / "out"))
+    assert (impl, yarn) == (etl.FAST_LOCAL_FS, 0)
+    assert mapreduce > 100  # the rest stays
 
 
 def test_manifest_is_written_last_and_describes_the_run(sample_lake):

@@ -10,7 +10,7 @@ import sys
 import uuid
 
 import pytest
-from conftest import ROOT, SAMPLE, table_rows
+from conftest import ROOT, SAMPLE, hadoop_keys_after_a_run, table_rows
 
 import create_s3
 import etl
@@ -436,3 +436,10 @@ def test_a_tree_listed_ahead_gives_each_directory_s3a_s_own_listing_once(spark, 
     rows = spark.read.option("recursiveFileLookup", "true").text(root).count()
     assert rows == len(keys) - 1
     fs.clearPrefetched()
+
+
+def test_yarn_settings_stay_out_of_the_hadoop_configuration_after_a_run_on_s3(s3, sample_bucket):
+    # s3a reloads every configuration's keys as its class loads: the job loads it before it drops them.
+    impl, yarn, _ = hadoop_keys_after_a_run(f"s3a://{sample_bucket}/input", f"s3a://{sample_bucket}/yarn",
+                                            s3.env())
+    assert (impl, yarn) == (etl.FAST_LOCAL_FS, 0)
