@@ -519,9 +519,9 @@ public class FastLocalFileSystem extends LocalFileSystem {
     setVerifyChecksum(false);
   }
 
-  /** Remove the keys starting with prefix from conf; returns how many.  The HDFS client's
-   *  default resources and s3a's deprecated keys are added first: Hadoop adds them when those
-   *  classes load, and that reloads every configuration's keys, the removed ones too. */
+  /** Remove the keys starting with prefix from conf; returns how many.  The HDFS and s3a
+   *  classes are loaded first: loading either makes Hadoop reload every configuration's keys,
+   *  the removed ones too. */
   public static int dropKeys(Configuration conf, String prefix) {
     try {
       Class.forName("org.apache.hadoop.hdfs.HdfsConfiguration").getMethod("init").invoke(null);

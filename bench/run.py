@@ -212,8 +212,7 @@ def start_s3(inp: str) -> tuple:
     import create_s3
     import s3server
 
-    work = os.path.join(WORK, "seaweedfs")
-    shutil.rmtree(work, ignore_errors=True)
+    work = os.path.join(WORK, "seaweedfs")  # an earlier one went with retire_old_outputs
     server = s3server.start(work)
     client = server.client()
     client.create_bucket(Bucket="bench")

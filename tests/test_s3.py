@@ -431,7 +431,7 @@ def test_a_tree_listed_ahead_gives_each_directory_s3a_s_own_listing_once(spark, 
     assert list_requests(fs) > before
     assert ahead == own
     assert (f"{root}/A/B/c.json", False, 3) in ahead[f"{root}/A/B"]
-    # Spark's recursive read over the listing made ahead finds every file, hidden ones left out.
+    # Spark's recursive read, with the tree listed ahead again, finds every file, hidden ones left out.
     assert fs.listTree(root) == len(keys)
     rows = spark.read.option("recursiveFileLookup", "true").text(root).count()
     assert rows == len(keys) - 1
