@@ -1836,12 +1836,20 @@ def parallel(fns: Sequence[Callable], pool=None) -> list:
 # one month per directory), and the shuffle of a million rows costs more than it spreads.
 SINGLE_WRITER_ROWS = 1_000_000
 
+# Parquet settings for a table of thousands of files of a row or two each (songs: one directory
+# per artist and year): no dictionary and no compression, which a row or two cannot use, and
+# which cost every file a dictionary, a compressor and its buffers (about 2 MB allocated per file).
+# Full catalogue, 12,620 songs files, 4 rounds side by side: 17.55 s -> 15.67 s; the files are
+# as large (1,165 bytes on average, against 1,170) and hold the same rows.
+TINY_FILES_OPTIONS = {"compression": "none", "parquet.enable.dictionary": "false"}
+
 
 def write_table(df, path: str, partition_by: Sequence[str], fmt: str = "parquet",
-                rows: int | None = None, tasks: int | None = None) -> None:
+                rows: int | None = None, tasks: int | None = None, options: dict | None = None) -> None:
     """One file per partition directory (or one file for an unpartitioned table).  rows (an upper
     bound), when small, lets one task write the table without a shuffle; tasks spreads a table of
-    thousands of small partition directories over that many tasks (each directory still in one)."""
+    thousands of small partition directories over that many tasks (each directory still in one);
+    options: the writer's (Parquet settings)."""
     from pyspark.sql import functions as F
 
     if tasks and partition_by:
@@ -1864,6 +1872,8 @@ def write_table(df, path: str, partition_by: Sequence[str], fmt: str = "parquet"
     writer = out.write.mode("overwrite").option("partitionOverwriteMode", "static")
     if partition_by:
         writer = writer.partitionBy(*partition_by)
+    for key, value in (options or {}).items():
+        writer = writer.option(key, value)
     if fmt == "json":
         writer.json(path)
     else:
@@ -2273,11 +2283,12 @@ def _write_all(tables: dict, extra: dict, root: str, stages: Stages, pool, bound
     # all on one core while the other tables are long done.
     cores = tables["songs"].sparkSession.sparkContext.defaultParallelism
     writes = [(f"write {name}", tables[name], name, PARTITIONS[name], "parquet", bounds.get(name),
-               cores if name == "songs" else None) for name in TABLES]
-    writes += [("write state", extra["_state/users"], "_state/users", (), "parquet", None, None),
-               ("write rejects", extra["_rejects"], "_rejects", (), "json", None, None)]
+               cores if name == "songs" else None, TINY_FILES_OPTIONS if name == "songs" else None)
+              for name in TABLES]
+    writes += [("write state", extra["_state/users"], "_state/users", (), "parquet", None, None, None),
+               ("write rejects", extra["_rejects"], "_rejects", (), "json", None, None, None)]
     parallel([lambda w=w: stages.run(w[0], write_table, w[1], f"{root}/{w[2]}", w[3], fmt=w[4], rows=w[5],
-                                     tasks=w[6]) for w in writes], pool)
+                                     tasks=w[6], options=w[7]) for w in writes], pool)
 
 
 def list_keys(client, bucket: str, prefix: str) -> list:

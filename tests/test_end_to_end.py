@@ -58,6 +58,33 @@ def test_partition_directories_hold_one_parquet_file_each(sample_lake):
         assert len(glob.glob(os.path.join(sample_lake, table, "*.parquet"))) == 1
 
 
+def parquet_codecs_and_encodings(spark, path: str) -> tuple:
+    """The compression codecs and the encodings of a Parquet file's column chunks, from its footer."""
+    jvm = spark._jvm
+    meta = jvm.org.apache.parquet.hadoop.ParquetFileReader.readFooter(
+        spark._jsc.hadoopConfiguration(), jvm.org.apache.hadoop.fs.Path(path))
+    codecs, encodings = set(), set()
+    for block in meta.getBlocks():
+        for col in block.getColumns():
+            codecs.add(col.getCodec().name())
+            encodings |= {e.name() for e in col.getEncodings()}
+    return codecs, encodings
+
+
+def test_songs_files_are_plain_and_uncompressed_the_other_tables_snappy(spark, sample_lake):
+    # songs: a row or two per file, written without a dictionary or a compressor
+    for path in glob.glob(os.path.join(sample_lake, "songs", "year=*", "artist_id=*", "*.parquet")):
+        codecs, encodings = parquet_codecs_and_encodings(spark, path)
+        assert codecs == {"UNCOMPRESSED"}, path
+        assert not encodings & {"PLAIN_DICTIONARY", "RLE_DICTIONARY"}, path
+    # the tables of many rows per file keep Spark's default: snappy, with dictionaries
+    for table in ("songplays", "time", "users", "artists"):
+        path = glob.glob(os.path.join(sample_lake, table, "**", "*.parquet"), recursive=True)[0]
+        codecs, encodings = parquet_codecs_and_encodings(spark, path)
+        assert codecs == {"SNAPPY"}, table
+        assert encodings & {"PLAIN_DICTIONARY", "RLE_DICTIONARY"}, table
+
+
 def test_fast_local_file_system_is_used_and_sets_ordinary_permissions(spark, sample_lake):
     import stat
 
