@@ -15,6 +15,7 @@ data quality check failed, 2 usage, configuration or input error.
 from __future__ import annotations
 
 import argparse
+import base64
 import configparser
 import contextlib
 import datetime as dt
@@ -414,6 +415,46 @@ def s3_client(cfg: Config):
         kwargs.update(aws_access_key_id=cfg.access_key, aws_secret_access_key=cfg.secret_key,
                       aws_session_token=cfg.session_token)
     return boto3.client("s3", **kwargs)
+
+
+def s3a_object_args(storage: Storage, path: str) -> tuple:
+    """(PutObject, GetObject) arguments for the objects the job writes with boto3 (the lock, the
+    publish journal and manifest, uploads without the job's s3a class) and reads back, so that
+    they follow s3a's settings for path's bucket as s3a's own writes do: server-side encryption
+    (SSE-S3; SSE-KMS and its key id; SSE-C and its key, which reads need too) and the canned ACL.
+    ({}, {}) for a path not on s3a."""
+    if not path.startswith("s3a://"):
+        return {}, {}
+    fs = storage.fs(path)
+    try:
+        secrets = fs.getEncryptionSecrets()
+    except Exception as e:  # not s3a's file system: it has no such settings
+        log.debug("no s3a encryption settings for %s: %s", path, describe_failure(e))
+        return {}, {}
+    method, key = str(secrets.getEncryptionMethod().name()), secrets.getEncryptionKey() or ""
+    put, get = {}, {}
+    if method == "SSE_S3":
+        put["ServerSideEncryption"] = "AES256"
+    elif method in ("SSE_KMS", "DSSE_KMS"):
+        put["ServerSideEncryption"] = "aws:kms" if method == "SSE_KMS" else "aws:kms:dsse"
+        if key:
+            put["SSEKMSKeyId"] = key
+    elif method == "SSE_C":
+        get = {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": base64.b64decode(key)}
+        put.update(get)
+    elif method != "NONE":
+        raise UsageError(f"s3a encryption {secrets.getEncryptionAlgorithm()} is not supported when "
+                         "the job publishes to S3 from this machine; use SSE-S3, SSE-KMS or SSE-C")
+    acl = fs.getConf().getTrimmed("fs.s3a.acl.default", "") or ""
+    if acl:
+        put["ACL"] = canned_acl(acl)
+    return put, get
+
+
+def canned_acl(name: str) -> str:
+    """s3a's name of a canned ACL (BucketOwnerFullControl) as S3's header value
+    (bucket-owner-full-control)."""
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", "-", name.strip()).lower()
 
 
 def describe_aws_error(e: BaseException, bucket: str = "", endpoint: str | None = None) -> str:
@@ -962,8 +1003,14 @@ public class SparkifyS3AFileSystem extends S3AFileSystem {
     return out.toByteArray();
   }
 
-  /** Upload local files to keys of bucket with `threads` concurrent PUTs; returns how many. */
+  /** Upload local files to keys of this file system's bucket with `threads` concurrent PUTs;
+   *  returns how many.  Each request comes from s3a's own factory, so s3a's settings for the
+   *  bucket apply as to its own writes: server-side encryption (SSE-S3, SSE-KMS, SSE-C) and the
+   *  canned ACL. */
   public int uploadFiles(String bucket, String listing, int threads) throws Exception {
+    if (!getBucket().equals(bucket)) {
+      throw new IllegalArgumentException("uploads to " + bucket + " through the file system of " + getBucket());
+    }
     // listing: one "local path<TAB>key" per line (Spark escapes control characters in names)
     List<String> files = new ArrayList<>();
     List<String> keys = new ArrayList<>();
@@ -980,7 +1027,10 @@ public class SparkifyS3AFileSystem extends S3AFileSystem {
       List<Future<?>> done = new ArrayList<>();
       for (int i = 0; i < files.size(); i++) {
         final int k = i;
-        done.add(pool.submit(() -> s3.putObject(bucket, keys.get(k), new File(files.get(k)))));
+        done.add(pool.submit(() -> {
+          File file = new File(files.get(k));
+          return s3.putObject(newPutObjectRequest(keys.get(k), newObjectMetadata(file.length()), file));
+        }));
       }
       for (Future<?> d : done) {
         d.get();
@@ -1952,7 +2002,9 @@ def acquire_lock(storage: Storage, output: str, run_id: str, cfg: Config) -> str
         if output.startswith("s3a://") and not on_emr():
             # S3's conditional PUT (If-None-Match) makes taking the lock atomic across machines.
             bucket, key = split_s3(lock)
-            s3_client(cfg).put_object(Bucket=bucket, Key=key, Body=json.dumps(info).encode(), IfNoneMatch="*")
+            put_args, _ = s3a_object_args(storage, output)
+            s3_client(cfg).put_object(Bucket=bucket, Key=key, Body=json.dumps(info).encode(), IfNoneMatch="*",
+                                      **put_args)
         else:
             storage.write_text(lock, json.dumps(info), overwrite=False)
     except Exception:
@@ -2301,41 +2353,46 @@ def list_keys(client, bucket: str, prefix: str) -> list:
     return keys
 
 
-def _put_files(client, bucket: str, files: list) -> None:
+def _put_files(client, bucket: str, files: list, args: dict | None = None) -> None:
+    args = args or {}
+
     def put(item):
         path, key = item
         if os.path.getsize(path) < 64 * 1024 * 1024:
             with open(path, "rb") as f:
-                client.put_object(Bucket=bucket, Key=key, Body=f.read())
+                client.put_object(Bucket=bucket, Key=key, Body=f.read(), **args)
         else:
-            client.upload_file(path, bucket, key)
+            client.upload_file(path, bucket, key, ExtraArgs=args)
     with ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="sparkify-upload") as up:
         list(up.map(put, files))
 
 
-def _upload_worker(args) -> int:
-    cfg, bucket, files = args
-    _put_files(s3_client(cfg), bucket, files)
+def _upload_worker(job) -> int:
+    cfg, bucket, files, args = job
+    _put_files(s3_client(cfg), bucket, files, args)
     return len(files)
 
 
-def upload_files(client, bucket: str, files: list, cfg: Config | None = None, jvm_fs=None) -> None:
+def upload_files(client, bucket: str, files: list, cfg: Config | None = None, jvm_fs=None,
+                 args: dict | None = None) -> None:
     """Upload (local path, key) pairs, many at a time; small files in one PUT each.  With jvm_fs
-    (a SparkifyS3AFileSystem) the JVM uploads them from a thread pool.  Otherwise thousands of files
-    go through several processes: boto3's per-request work holds Python's GIL, so one process
-    tops out at one core (25,240 small files to SeaweedFS: 36-42 s in one, 21 s in two)."""
+    (a SparkifyS3AFileSystem) the JVM uploads them from a thread pool, with s3a's own request
+    settings.  Otherwise thousands of files go through several processes: boto3's per-request
+    work holds Python's GIL, so one process tops out at one core (25,240 small files to
+    SeaweedFS: 36-42 s in one, 21 s in two).  args: boto3's PutObject arguments for every file
+    (s3a_object_args)."""
     if jvm_fs is not None and files:
         jvm_fs.uploadFiles(bucket, "\n".join(f"{path}\t{key}" for path, key in files), UPLOAD_THREADS)
         return
     procs = min(8, max(2, os.cpu_count() or 2))
     if cfg is None or len(files) < 2000:
-        _put_files(client, bucket, files)
+        _put_files(client, bucket, files, args)
         return
     import multiprocessing
 
     # spawn, not fork: the parent holds the JVM gateway's sockets and threads.
     with multiprocessing.get_context("spawn").Pool(procs) as workers:
-        workers.map(_upload_worker, [(cfg, bucket, files[i::procs]) for i in range(procs)])
+        workers.map(_upload_worker, [(cfg, bucket, files[i::procs], args) for i in range(procs)])
 
 
 def jvm_s3a(spark, path: str):
@@ -2419,6 +2476,7 @@ def load_by_upload(spark, cfg: Config, run_id: str, tables: dict, extra: dict, b
         manifest = gate.manifest(manifest)
         counts = manifest.pop("rows")
         client = s3_client(cfg)
+        put_args, _ = s3a_object_args(Storage(spark), cfg.output)
         uploads, old, table_keys = [], [], {}
         for name in (*TABLES, "_state/users", "_rejects"):
             staged = []
@@ -2448,11 +2506,12 @@ def load_by_upload(spark, cfg: Config, run_id: str, tables: dict, extra: dict, b
         journal = {"run_id": run_id, "kind": "upload", "new": sorted(new_keys), "old": sorted(old)}
 
         def publish():
-            client.put_object(Bucket=bucket, Key=f"{base}{JOURNAL}", Body=json.dumps(journal).encode())
-            upload_files(client, bucket, uploads, cfg, jvm_fs=jvm_s3a(spark, cfg.output))
+            client.put_object(Bucket=bucket, Key=f"{base}{JOURNAL}", Body=json.dumps(journal).encode(),
+                              **put_args)
+            upload_files(client, bucket, uploads, cfg, jvm_fs=jvm_s3a(spark, cfg.output), args=put_args)
             final["ended"] = utc_now()
             client.put_object(Bucket=bucket, Key=f"{base}_manifest.json",
-                              Body=json.dumps(final, indent=2, sort_keys=True).encode())
+                              Body=json.dumps(final, indent=2, sort_keys=True).encode(), **put_args)
             delete_keys(client, bucket, sorted(old))
             client.delete_object(Bucket=bucket, Key=f"{base}{JOURNAL}")
 
@@ -2464,15 +2523,16 @@ def load_by_upload(spark, cfg: Config, run_id: str, tables: dict, extra: dict, b
             {name: stages.seconds[f"write {name}"] for name in TABLES})
 
 
-def recover_upload(cfg: Config, out: str, journal: dict) -> None:
+def recover_upload(cfg: Config, out: str, journal: dict, get_args: dict | None = None) -> None:
     """Finish what an interrupted upload publish left: its manifest was written -> delete the
     objects it replaced; it was not -> delete the objects it uploaded (the previous output is
-    then exactly as it was)."""
+    then exactly as it was).  get_args: boto3's GetObject arguments (s3a_object_args)."""
     bucket, prefix = split_s3(out)
     base = f"{prefix}/" if prefix else ""
     client = s3_client(cfg)
     try:
-        manifest = json.loads(client.get_object(Bucket=bucket, Key=f"{base}_manifest.json")["Body"].read())
+        manifest = json.loads(client.get_object(Bucket=bucket, Key=f"{base}_manifest.json",
+                                                **(get_args or {}))["Body"].read())
     except client.exceptions.NoSuchKey:
         manifest = {}
     if manifest.get("run_id") == journal["run_id"]:
@@ -2514,7 +2574,7 @@ def recover_publish(spark, storage: Storage, out: str, cfg: Config | None = None
         return
     journal = json.loads(text)
     if journal.get("kind") == "upload":
-        recover_upload(cfg or Config(), out, journal)
+        recover_upload(cfg or Config(), out, journal, s3a_object_args(storage, out)[1])
         return
     log.warning("completing the publish of interrupted run %s", journal["run_id"])
     finish_publish(spark, storage, out, journal)

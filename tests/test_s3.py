@@ -2,6 +2,7 @@
 s3a://, credential and endpoint errors, and secrets kept out of logs and the manifest."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -313,6 +314,94 @@ def keys_cfg(s3, monkeypatch):
     with open(path, "w") as f:
         f.write(f"[AWS]\nAWS_ACCESS_KEY_ID = {s3.access_key}\nAWS_SECRET_ACCESS_KEY = {s3.secret_key}\n")
     return path
+
+
+def unencrypted(s3, bucket, keys):
+    """The keys the server holds without server-side encryption."""
+    client = s3.client()
+    return sorted(k for k in keys if client.head_object(Bucket=bucket, Key=k).get("ServerSideEncryption") != "AES256")
+
+
+def test_every_object_the_job_writes_follows_s3a_s_encryption_setting(spark, s3, sample_bucket, monkeypatch,
+                                                                    tmp_path):
+    # SSE-S3 for one bucket, set as a user sets s3a options (the server reports it per object).
+    name = bucket_name("sse")
+    s3.client().create_bucket(Bucket=name)
+    spark._jsc.hadoopConfiguration().set(f"fs.s3a.bucket.{name}.server-side-encryption-algorithm", "AES256")
+    cfg = s3_cfg(s3, sample_bucket, "unused")
+    cfg.output = f"s3a://{name}/lake"
+    seen = {}
+    real_extract = etl.extract
+
+    def extract_after_checking_the_lock(*args, **kwargs):
+        seen["lock"] = unencrypted(s3, name, ["lake/_lock.json"])
+        return real_extract(*args, **kwargs)
+
+    monkeypatch.setattr(etl, "extract", extract_after_checking_the_lock)
+    assert etl.run(cfg, spark) == 0
+    first = objects(s3, name, "lake")
+    assert len(first) > 69 and unencrypted(s3, name, first) == []
+    # a rerun interrupted after its manifest leaves its journal; the next run completes it
+    monkeypatch.setattr(etl, "delete_keys", lambda *a: (_ for _ in ()).throw(OSError("killed (injected)")))
+    with pytest.raises(OSError, match="injected"):
+        etl.run(cfg, spark)
+    interrupted = objects(s3, name, "lake")
+    assert f"lake/{etl.JOURNAL}" in interrupted and len(interrupted) > len(first) + 60
+    assert unencrypted(s3, name, interrupted) == []  # the journal, the new files, the new manifest
+    assert seen["lock"] == []
+    monkeypatch.undo()
+    etl.recover_publish(spark, etl.Storage(spark), cfg.output, cfg)
+    assert len(objects(s3, name, "lake")) == len(first)
+    local = tmp_path / "local"
+    assert etl.run(etl.load_config(["--input", SAMPLE, "--output", str(local)], environ={}), spark) == 0
+    assert table_rows(spark, cfg.output) == table_rows(spark, local)
+
+
+def test_an_sse_c_manifest_is_read_back_with_the_key_s3a_holds(spark, s3, sample_bucket):
+    """SSE-C: the AWS SDK under s3a sends customer keys over HTTPS only, so only the job's boto3
+    side runs here: the arguments it takes from s3a's setting, and the recovery that reads the
+    manifest back (the server refuses it without the key)."""
+    name = bucket_name("ssec")
+    client = s3.client()
+    client.create_bucket(Bucket=name)
+    sse_key = os.urandom(32)
+    spark._jsc.hadoopConfiguration().set(f"fs.s3a.bucket.{name}.server-side-encryption-algorithm", "SSE-C")
+    spark._jsc.hadoopConfiguration().set(f"fs.s3a.bucket.{name}.server-side-encryption.key",
+                                         base64.b64encode(sse_key).decode())
+    etl.configure_s3a(spark, s3_cfg(s3, sample_bucket, "unused"))
+    put, get = etl.s3a_object_args(etl.Storage(spark), f"s3a://{name}/lake")
+    assert get == {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": sse_key} and put == get
+    for key in ("lake/old.parquet", "lake/new.parquet"):
+        client.put_object(Bucket=name, Key=key, Body=b"x", **put)
+    client.put_object(Bucket=name, Key="lake/_manifest.json", Body=json.dumps({"run_id": "r1"}).encode(), **put)
+    journal = {"run_id": "r1", "new": ["lake/new.parquet"], "old": ["lake/old.parquet"]}
+    client.put_object(Bucket=name, Key=f"lake/{etl.JOURNAL}", Body=json.dumps(journal).encode(), **put)
+    cfg = s3_cfg(s3, sample_bucket, "unused")
+    etl.recover_upload(cfg, f"s3a://{name}/lake", journal, get)  # the manifest is r1's: completed
+    assert sorted(objects(s3, name, "lake")) == ["lake/_manifest.json", "lake/new.parquet"]
+
+
+def test_cli_uploads_with_boto3_follow_s3a_s_encryption_setting_from_spark_conf(s3, sample_bucket):
+    """The stock s3a file system (boto3 uploads), SSE-S3 asked for through Spark's --conf."""
+    name = bucket_name("sses3")
+    s3.client().create_bucket(Bucket=name)
+    submit = (f"--conf spark.hadoop.fs.s3a.bucket.{name}.server-side-encryption-algorithm=AES256 "
+              f"--conf spark.hadoop.fs.s3a.bucket.{name}.acl.default=BucketOwnerFullControl pyspark-shell")
+    env = dict(s3.env(), SPARKIFY_FAST_S3A="0", PYSPARK_SUBMIT_ARGS=submit)
+    r = tool("etl.py", "--input", f"s3a://{sample_bucket}/input", "--output", f"s3a://{name}/lake",
+             "--log-level", "DEBUG", env_extra=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "s3a file system: org.apache.hadoop.fs.s3a.S3AFileSystem" in r.stderr
+    keys = objects(s3, name, "lake")
+    assert len([k for k in keys if k.endswith(".parquet")]) >= 69 + 4 and "lake/_manifest.json" in keys
+    plain = [k for k in keys if s3.client().head_object(Bucket=name, Key=k).get("ServerSideEncryption") != "AES256"]
+    assert plain == []
+
+
+def test_canned_acl_names_are_s3_s_header_values(spark):
+    sdk = spark._jvm.com.amazonaws.services.s3.model.CannedAccessControlList
+    for value in sdk.values():
+        assert etl.canned_acl(value.name()) == value.toString()
 
 
 def test_analytics_reads_a_lake_on_s3(spark, s3, sample_bucket, s3_lake, monkeypatch):
