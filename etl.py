@@ -1998,11 +1998,11 @@ def acquire_lock(storage: Storage, output: str, run_id: str, cfg: Config) -> str
                 "that run crashed")
         log.warning("taking over the lock of run %s (since %s)", held.get("run_id"), held.get("since"))
         storage.delete(lock)
+    put_args, _ = s3a_object_args(storage, output)
     try:
         if output.startswith("s3a://") and not on_emr():
             # S3's conditional PUT (If-None-Match) makes taking the lock atomic across machines.
             bucket, key = split_s3(lock)
-            put_args, _ = s3a_object_args(storage, output)
             s3_client(cfg).put_object(Bucket=bucket, Key=key, Body=json.dumps(info).encode(), IfNoneMatch="*",
                                       **put_args)
         else:

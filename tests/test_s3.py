@@ -398,6 +398,17 @@ def test_cli_uploads_with_boto3_follow_s3a_s_encryption_setting_from_spark_conf(
     assert plain == []
 
 
+def test_cli_refuses_client_side_encryption_in_one_line_and_writes_nothing(s3, sample_bucket):
+    name = bucket_name("cse")
+    s3.client().create_bucket(Bucket=name)
+    submit = f"--conf spark.hadoop.fs.s3a.bucket.{name}.server-side-encryption-algorithm=CSE-KMS pyspark-shell"
+    r = tool("etl.py", "--input", f"s3a://{sample_bucket}/input", "--output", f"s3a://{name}/lake",
+             env_extra=dict(s3.env(), PYSPARK_SUBMIT_ARGS=submit))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "encryption CSE-KMS is not supported" in r.stderr
+    assert objects(s3, name, "lake") == {}
+
+
 def test_canned_acl_names_are_s3_s_header_values(spark):
     sdk = spark._jvm.com.amazonaws.services.s3.model.CannedAccessControlList
     for value in sdk.values():
