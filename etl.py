@@ -1931,6 +1931,29 @@ def write_table(df, path: str, partition_by: Sequence[str], fmt: str = "parquet"
         writer.parquet(path)
 
 
+def parquet_rows(spark, paths: Sequence[str]) -> int:
+    """The rows of these Parquet files, from their footers (no data is read)."""
+    jvm = spark._jvm
+    conf = spark._jsc.hadoopConfiguration()
+    total = 0
+    for path in paths:
+        source = jvm.org.apache.parquet.hadoop.util.HadoopInputFile.fromPath(jvm.org.apache.hadoop.fs.Path(path), conf)
+        reader = jvm.org.apache.parquet.hadoop.ParquetFileReader.open(source)
+        try:
+            total += int(reader.getRecordCount())
+        finally:
+            reader.close()
+    return total
+
+
+def published_rows(spark, manifest: dict, counts: dict, name: str, kept: Sequence[str]) -> int:
+    """A table's rows as published: the run's own, plus, after an incremental run, those of the
+    months it kept (kept: their files' paths)."""
+    if manifest.get("mode") != "incremental" or name not in MONTHLY_TABLES:
+        return counts[name]
+    return counts[name] + parquet_rows(spark, kept)
+
+
 def partition_dirs(storage: Storage, root: str, depth: int) -> list:
     rels = [""]
     for _ in range(depth):
@@ -2204,7 +2227,7 @@ def run(cfg: Config, spark) -> int:
         gate = CheckGate(pool.submit(stages.run, "build and check", check_stats, tables, play_rows),
                          lambda counts, checks: print_summary(cfg, run_id, counts, {}, {}, x.rejects, checks,
                                                               stages.elapsed()))
-        files, seconds = {}, {}
+        published, seconds = {}, {}
         if cfg.dry_run:
             gate.wait()
         else:
@@ -2228,9 +2251,12 @@ def run(cfg: Config, spark) -> int:
             songs_in, logs_in = x.rejects["song_data"]["records"], x.rejects["log_data"]["records"]
             bounds = {"songplays": logs_in, "time": logs_in, "users": logs_in, "songs": songs_in,
                       "artists": songs_in}
-            files, seconds = load(spark, storage, cfg, run_id, tables, extra, bounds, gate, manifest, stages,
-                                  pool)
+            published, seconds = load(spark, storage, cfg, run_id, tables, extra, bounds, gate, manifest,
+                                      stages, pool)
         counts, checks = gate.wait()
+        # The tables as published (after an incremental run, with the months it kept).
+        counts = {**counts, **{name: t["rows"] for name, t in published.items()}}
+        files = {name: len(t["files"]) for name, t in published.items()}
         print_summary(cfg, run_id, counts, files, seconds, x.rejects, checks, stages.elapsed())
         return EXIT_OK
     except BaseException:
@@ -2311,7 +2337,7 @@ def load(spark, storage: Storage, cfg: Config, run_id: str, tables: dict, extra:
                    "manifest": manifest}
         storage.write_text(f"{out}/{JOURNAL}", json.dumps(journal))
         published = True  # from here on the staged tables belong to the journal
-        files = stages.run("publish", finish_publish, spark, storage, out, journal)
+        published_tables = stages.run("publish", finish_publish, spark, storage, out, journal)
         storage.delete(staging)
         storage.delete_if_empty(f"{out}/_staging")
     except BaseException:
@@ -2319,7 +2345,7 @@ def load(spark, storage: Storage, cfg: Config, run_id: str, tables: dict, extra:
             storage.delete(staging)
             storage.delete_if_empty(f"{out}/_staging")
         raise
-    return files, {name: stages.seconds[f"write {name}"] for name in TABLES}
+    return published_tables, {name: stages.seconds[f"write {name}"] for name in TABLES}
 
 
 # ---- publishing to S3 by upload: S3 has no rename (s3a copies and deletes every object, twice
@@ -2477,7 +2503,7 @@ def load_by_upload(spark, cfg: Config, run_id: str, tables: dict, extra: dict, b
         counts = manifest.pop("rows")
         client = s3_client(cfg)
         put_args, _ = s3a_object_args(Storage(spark), cfg.output)
-        uploads, old, table_keys = [], [], {}
+        uploads, old, table_keys, kept = [], [], {}, {}
         for name in (*TABLES, "_state/users", "_rejects"):
             staged = []
             for d, _, names in os.walk(os.path.join(local, name)):
@@ -2495,13 +2521,15 @@ def load_by_upload(spark, cfg: Config, run_id: str, tables: dict, extra: dict, b
             if name in TABLES:
                 keep = set(existing) - set(replaced)
                 table_keys[name] = sorted(keep | {key for _, key in new})
+                kept[name] = sorted(f"s3a://{bucket}/{k}" for k in keep if k.endswith(".parquet"))
         new_keys = {key for _, key in uploads}
         if new_keys & set(old):
             raise OSError("a staged file has the name of a published one; nothing was published")
         rel = {name: sorted(k[len(f"{base}{name}/"):] for k in keys if k.endswith(".parquet"))
                for name, keys in table_keys.items()}
         final = dict(manifest, ended=None, tables={
-            name: {"rows": counts[name], "partition_by": list(PARTITIONS[name]), "files": rel[name]}
+            name: {"rows": published_rows(spark, manifest, counts, name, kept[name]),
+                   "partition_by": list(PARTITIONS[name]), "files": rel[name]}
             for name in TABLES})
         journal = {"run_id": run_id, "kind": "upload", "new": sorted(new_keys), "old": sorted(old)}
 
@@ -2519,8 +2547,7 @@ def load_by_upload(spark, cfg: Config, run_id: str, tables: dict, extra: dict, b
         log.info("%s objects uploaded, %s replaced", f"{len(uploads):,}", f"{len(old):,}")
     finally:
         shutil.rmtree(local, ignore_errors=True)
-    return ({name: len(rel[name]) for name in TABLES},
-            {name: stages.seconds[f"write {name}"] for name in TABLES})
+    return final["tables"], {name: stages.seconds[f"write {name}"] for name in TABLES}
 
 
 def recover_upload(cfg: Config, out: str, journal: dict, get_args: dict | None = None) -> None:
@@ -2547,7 +2574,7 @@ def recover_upload(cfg: Config, out: str, journal: dict, get_args: dict | None =
 
 def finish_publish(spark, storage: Storage, out: str, journal: dict) -> dict:
     """Carry out a publish journal; every step can be repeated, so an interrupted publish is
-    completed by running this again."""
+    completed by running this again.  Returns the manifest's tables (rows, files)."""
     for src, dst, old in journal["moves"]:
         if storage.exists(src):
             if storage.exists(dst):
@@ -2557,14 +2584,19 @@ def finish_publish(spark, storage: Storage, out: str, journal: dict) -> dict:
     manifest = dict(journal["manifest"])
     counts = manifest.pop("rows")
     table_files = {name: parquet_files(spark, f"{out}/{name}", name) for name in TABLES}
+    moved = [dst.rstrip("/") + "/" for _, dst, _ in journal["moves"]]
+    rows = {name: published_rows(spark, manifest, counts, name,
+                                 [p for p in (f"{out}/{name}/{f}" for f in table_files[name])
+                                  if not any(p.startswith(d) for d in moved)])
+            for name in TABLES}
     manifest.update(ended=utc_now(), tables={
-        name: {"rows": counts[name], "partition_by": list(PARTITIONS[name]), "files": table_files[name]}
+        name: {"rows": rows[name], "partition_by": list(PARTITIONS[name]), "files": table_files[name]}
         for name in TABLES})
     storage.write_text(f"{out}/_manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
     storage.delete(f"{out}/{JOURNAL}")
     storage.delete(journal["trash"])
     storage.delete_if_empty(f"{out}/_trash")
-    return {name: len(v) for name, v in table_files.items()}
+    return manifest["tables"]
 
 
 def recover_publish(spark, storage: Storage, out: str, cfg: Config | None = None) -> None:

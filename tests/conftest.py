@@ -2,7 +2,9 @@
 and with ANSI mode on, so that every test also proves the job does not depend on either."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -172,3 +174,28 @@ def hadoop_keys_after_a_run(inp: str, out: str, env_extra: dict | None = None) -
     assert r.returncode == 0, r.stderr
     impl, yarn, mapreduce = r.stdout.strip().splitlines()[-1].split()
     return impl, int(yarn), int(mapreduce)
+
+
+@pytest.fixture(scope="session")
+def two_months(tmp_path_factory):
+    """The sample logs with days 16-30 moved 30 days later, into log_data/2018/12/."""
+    inp = tmp_path_factory.mktemp("two") / "in"
+    shutil.copytree(os.path.join(SAMPLE, "song_data"), inp / "song_data")
+    src = os.path.join(SAMPLE, "log_data", "2018", "11")
+    for name in sorted(os.listdir(src)):
+        day = int(name[8:10])
+        with open(os.path.join(src, name)) as f:
+            events = [json.loads(ln) for ln in f if ln.strip()]
+        month = "11" if day <= 15 else "12"
+        target = inp / "log_data" / "2018" / month
+        target.mkdir(parents=True, exist_ok=True)
+        for e in events:
+            e["ts"] += 0 if month == "11" else 30 * 86_400_000
+        (target / f"2018-{month}-{day:02d}-events.json").write_text(
+            "".join(json.dumps(e) + "\n" for e in events))
+    return inp
+
+
+def manifest_rows(out):
+    with open(os.path.join(out, "_manifest.json")) as f:
+        return {name: t["rows"] for name, t in json.load(f)["tables"].items()}

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import ROOT, SAMPLE, read_tables, run_job, table_rows
+from conftest import ROOT, SAMPLE, manifest_rows, read_tables, run_job, table_rows
 
 import etl
 
-DAY_MS = 86_400_000
 
 
 def snapshot(out):
@@ -224,37 +224,25 @@ def test_two_runs_on_the_same_input_give_identical_tables(spark, good_lake, tmp_
 # ---- §6.5 incremental runs
 
 
-@pytest.fixture(scope="module")
-def two_months(tmp_path_factory):
-    """The sample logs with days 16-30 moved 30 days later, into log_data/2018/12/."""
-    inp = tmp_path_factory.mktemp("two") / "in"
-    shutil.copytree(os.path.join(SAMPLE, "song_data"), inp / "song_data")
-    src = os.path.join(SAMPLE, "log_data", "2018", "11")
-    for name in sorted(os.listdir(src)):
-        day = int(name[8:10])
-        with open(os.path.join(src, name)) as f:
-            events = [json.loads(ln) for ln in f if ln.strip()]
-        month = "11" if day <= 15 else "12"
-        target = inp / "log_data" / "2018" / month
-        target.mkdir(parents=True, exist_ok=True)
-        for e in events:
-            e["ts"] += 0 if month == "11" else 30 * DAY_MS
-        (target / f"2018-{month}-{day:02d}-events.json").write_text(
-            "".join(json.dumps(e) + "\n" for e in events))
-    return inp
-
-
-def test_month_by_month_equals_one_full_run(spark, two_months, tmp_path):
+def test_month_by_month_equals_one_full_run(spark, two_months, tmp_path, capsys):
     full, inc = tmp_path / "full", tmp_path / "inc"
     assert run_job(spark, two_months, full) == 0
     assert run_job(spark, two_months, inc, "--months", "2018-11") == 0
     after_nov = read_tables(spark, inc)
     assert after_nov["songplays"].filter("month = 12").count() == 0
+    nov_rows = manifest_rows(inc)
+    capsys.readouterr()
     assert run_job(spark, two_months, inc, "--months", "2018-12") == 0
+    summary = capsys.readouterr().out
     expected = table_rows(spark, full)
     assert sorted({r[-1] for r in expected["time"]}) == [2018]
     assert table_rows(spark, inc) == expected
     assert len(expected["songplays"]) == 6820
+    # the manifest counts the tables as published, November's rows kept by December's run too
+    assert manifest_rows(inc) == manifest_rows(full) == {name: len(rows) for name, rows in expected.items()}
+    assert 0 < nov_rows["songplays"] < 6820
+    assert re.search(r"^\s+songplays\s+6,820\s", summary, re.M), summary  # and so does the summary
+
 
 
 def test_rerunning_one_month_replaces_only_that_month(spark, two_months, tmp_path):

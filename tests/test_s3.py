@@ -305,6 +305,25 @@ def test_upload_interrupted_after_the_manifest_is_completed(spark, s3, sample_bu
     assert f"{s3_lake}/{etl.JOURNAL}" not in after
 
 
+def test_incremental_runs_on_s3_count_the_kept_months_in_the_manifest(spark, s3, sample_bucket, two_months):
+    def cfg(prefix, *extra):
+        c = etl.load_config(["--input", str(two_months), "--output", f"s3a://{sample_bucket}/{prefix}", *extra],
+                            environ=s3.env())
+        c.access_key, c.secret_key = s3.access_key, s3.secret_key
+        return c
+
+    def rows(prefix):
+        return {t: v["rows"] for t, v in manifest_of(s3, sample_bucket, prefix)["tables"].items()}
+
+    full, inc = f"full-{uuid.uuid4().hex[:8]}", f"inc-{uuid.uuid4().hex[:8]}"
+    assert etl.run(cfg(full), spark) == 0
+    assert etl.run(cfg(inc, "--months", "2018-11"), spark) == 0
+    assert etl.run(cfg(inc, "--months", "2018-12"), spark) == 0
+    tables = table_rows(spark, f"s3a://{sample_bucket}/{inc}")
+    assert tables == table_rows(spark, f"s3a://{sample_bucket}/{full}")
+    assert rows(inc) == rows(full) == {name: len(r) for name, r in tables.items()}
+
+
 def keys_cfg(s3, monkeypatch):
     """The running JVM gets the keys through dl.cfg's slot; the endpoint through the environment."""
     import tempfile
