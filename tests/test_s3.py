@@ -274,8 +274,8 @@ def test_upload_interrupted_before_the_manifest_is_rolled_back(spark, s3, sample
     before = objects(s3, sample_bucket, s3_lake)
     real = etl.upload_files
 
-    def dies_halfway(client, bucket, files, cfg=None, jvm_fs=None):
-        real(client, bucket, files[: len(files) // 2], jvm_fs=jvm_fs)
+    def dies_halfway(client, bucket, files, cfg=None, jvm_fs=None, args=None):
+        real(client, bucket, files[: len(files) // 2], jvm_fs=jvm_fs, args=args)
         raise OSError("killed (injected)")
 
     monkeypatch.setattr(etl, "upload_files", dies_halfway)
