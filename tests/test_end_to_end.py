@@ -1,9 +1,11 @@
 """The whole job, for real: the sample (in process and through the CLI) and the full catalogue."""
 from __future__ import annotations
 
+import datetime as dt
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -56,6 +58,38 @@ def test_partition_directories_hold_one_parquet_file_each(sample_lake):
     assert len(glob.glob(os.path.join(sample_lake, "songs", "year=*", "artist_id=*"))) == 69
     for table in ("users", "artists"):
         assert len(glob.glob(os.path.join(sample_lake, table, "*.parquet"))) == 1
+
+
+def test_forty_months_written_by_one_task_still_hold_one_file_per_directory(spark, tmp_path):
+    """songplays and time are written without a sort, one file kept open per month (at most 32
+    per task, spark_settings); past that Spark sorts the rest of the task's rows.  Forty months
+    in one task (the sample's events spread over them) must still give one file per directory."""
+    inp = tmp_path / "in"
+    shutil.copytree(os.path.join(SAMPLE, "song_data"), inp / "song_data")
+    src = os.path.join(SAMPLE, "log_data", "2018", "11")
+    i = 0
+    for name in sorted(os.listdir(src)):
+        lines = []
+        with open(os.path.join(src, name)) as f:
+            for ln in f:
+                if ln.strip():
+                    e = json.loads(ln)
+                    when = dt.datetime.fromtimestamp(e["ts"] / 1000, dt.timezone.utc)
+                    back = when.year * 12 + when.month - 1 - i % 40  # up to 39 months back
+                    when = when.replace(year=back // 12, month=back % 12 + 1, day=min(when.day, 28))
+                    e["ts"] = int(when.timestamp() * 1000)
+                    lines.append(json.dumps(e) + "\n")
+                    i += 1
+        target = inp / "log_data" / "2018" / "11"
+        target.mkdir(parents=True, exist_ok=True)
+        (target / name).write_text("".join(lines))
+    out = tmp_path / "lake"
+    assert run_job(spark, inp, out) == 0
+    for table in ("songplays", "time"):
+        dirs = glob.glob(os.path.join(out, table, "year=*", "month=*"))
+        assert len(dirs) == 40, table
+        assert [d for d in dirs if len(glob.glob(os.path.join(d, "*.parquet"))) != 1] == [], table
+    assert read_tables(spark, out)["songplays"].count() == 6820
 
 
 def parquet_codecs_and_encodings(spark, path: str) -> tuple:
