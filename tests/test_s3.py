@@ -387,9 +387,12 @@ def test_an_sse_c_manifest_is_read_back_with_the_key_s3a_holds(spark, s3, sample
     spark._jsc.hadoopConfiguration().set(f"fs.s3a.bucket.{name}.server-side-encryption-algorithm", "SSE-C")
     spark._jsc.hadoopConfiguration().set(f"fs.s3a.bucket.{name}.server-side-encryption.key",
                                          base64.b64encode(sse_key).decode())
+    spark._jsc.hadoopConfiguration().set(f"fs.s3a.bucket.{name}.acl.default", "BucketOwnerFullControl")
     etl.configure_s3a(spark, s3_cfg(s3, sample_bucket, "unused"))
     put, get = etl.s3a_object_args(etl.Storage(spark), f"s3a://{name}/lake")
-    assert get == {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": sse_key} and put == get
+    assert get == {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": sse_key}
+    assert put == {**get, "ACL": "bucket-owner-full-control"}
+    assert etl.s3a_object_args(etl.Storage(spark), f"s3a://{sample_bucket}/lake") == ({}, {})  # per bucket
     for key in ("lake/old.parquet", "lake/new.parquet"):
         client.put_object(Bucket=name, Key=key, Body=b"x", **put)
     client.put_object(Bucket=name, Key="lake/_manifest.json", Body=json.dumps({"run_id": "r1"}).encode(), **put)
