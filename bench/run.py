@@ -78,8 +78,22 @@ def input_for(scale: str) -> str:
     return target
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants (the JVM included), from /proc."""
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far, from /proc (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def tree_stats(pid: int, cpu: dict) -> float:
+    """Resident memory of a process and all its descendants (the JVM included), from /proc, in
+    MB; records each one's CPU time so far in cpu (pid -> seconds)."""
     children = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -93,6 +107,7 @@ def tree_rss_mb(pid: int) -> float:
     while todo:
         p = todo.pop()
         todo += children.get(p, [])
+        cpu[p] = max(cpu.get(p, 0.0), cpu_seconds(p))
         try:
             with open(f"/proc/{p}/statm") as f:
                 total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -101,32 +116,36 @@ def tree_rss_mb(pid: int) -> float:
     return total / 2**20
 
 
-def timed(cmd: list, env: dict) -> tuple:
-    """(wall seconds, peak RSS of the whole process tree in MB, completed process).  The wall time
-    ends when the process exits (not at the next memory sample), and the disk's pending writes of
-    earlier runs are flushed before it starts, so that one run's writeback is not timed in the next."""
+def timed(cmd: list, env: dict, server_pid: int | None = None) -> tuple:
+    """(wall seconds, peak RSS of the whole process tree in MB, its CPU seconds, the S3 server's
+    CPU seconds meanwhile, completed process).  The wall time ends when the process exits (not at
+    the next sample), and the disk's pending writes of earlier runs are flushed before it starts,
+    so that one run's writeback is not timed in the next.  The tree's CPU time is sampled every
+    0.2 s (a process's last 0.2 s can be missed, so it errs low); the JVM's is most of it."""
     os.sync()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        server0 = cpu_seconds(server_pid) if server_pid else 0.0
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True)
-        peak = [0.0]
+        peak, cpu = [0.0], {}
 
         def sample() -> None:
             while proc.poll() is None:
-                peak[0] = max(peak[0], tree_rss_mb(proc.pid))
-                time.sleep(0.25)
+                peak[0] = max(peak[0], tree_stats(proc.pid, cpu))
+                time.sleep(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         proc.wait()
         wall = time.perf_counter() - t
+        server = cpu_seconds(server_pid) - server0 if server_pid else 0.0
         sampler.join()
         out.seek(0)
         err.seek(0)
         r = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
     if r.returncode != 0:
         sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
-    return wall, peak[0], r
+    return wall, peak[0], sum(cpu.values()), server, r
 
 
 # Creating files on a disk soon after many were deleted can cost far more than creating them on
@@ -199,7 +218,7 @@ def main(argv=None) -> None:
         jobs["etl.py s3"] = lambda out: [sys.executable, os.path.join(ROOT, "etl.py"), "--input",
                                          "s3a://bench/input", "--output", f"s3a://bench/{s3_prefix(out)}"]
     try:
-        run_jobs(a, inp, jobs, env, server.client() if server else None)
+        run_jobs(a, inp, jobs, env, server)
     finally:
         if server:
             server.stop()
@@ -226,7 +245,8 @@ def s3_prefix(out: str) -> str:
     return os.path.basename(out)
 
 
-def run_jobs(a, inp: str, jobs: dict, env: dict, s3_client=None) -> None:
+def run_jobs(a, inp: str, jobs: dict, env: dict, server=None) -> None:
+    s3_client = server.client() if server else None
     if a.bare_read:
         jobs["bare read"] = lambda out: [sys.executable, "-c", BARE_READ, inp]
         jobs["bare defaults"] = lambda out: [sys.executable, "-c", BARE_READ_DEFAULTS, inp]
@@ -234,13 +254,17 @@ def run_jobs(a, inp: str, jobs: dict, env: dict, s3_client=None) -> None:
         jobs["course-style"] = lambda out: [sys.executable, os.path.join(SHARED, "bench", "course_style_etl.py"),
                                             inp, out]
     walls = {name: [] for name in jobs}
+    cpus = {name: [] for name in jobs}  # the job's process tree, plus the S3 server's for S3 runs
     for i in range(a.repeat):
         for name, cmd in jobs.items():  # interleaved, so that machine noise hits every job alike
             # A new folder (or S3 prefix) per run: nothing is deleted between timed runs.
             out = os.path.join(WORK, f"lake-{a.scale}-{name.replace(' ', '-')}-run{i + 1}")
-            wall, peak, r = timed(cmd(out), env)
+            on_s3 = name.endswith(" s3")
+            wall, peak, cpu, server_cpu, r = timed(cmd(out), env, server.proc.pid if on_s3 else None)
             walls[name].append(wall)
-            print(f"run {i + 1} {name:<13} {wall:7.1f}s  peak RSS {peak:,.0f} MB (Python + JVM)", flush=True)
+            cpus[name].append(cpu + server_cpu)
+            print(f"run {i + 1} {name:<13} {wall:7.1f}s  peak RSS {peak:,.0f} MB (Python + JVM)  CPU {cpu:.1f}s"
+                  + (f" + S3 server {server_cpu:.1f}s" if on_s3 else ""), flush=True)
             if name.startswith("etl.py"):
                 stages = re.findall(r"INFO (\w[\w ]*?)\s+([0-9.]+)s\s+\(total", r.stderr)
                 print("   stages: " + ", ".join(f"{s.strip()} {float(v):.1f}s" for s, v in stages))
@@ -252,8 +276,14 @@ def run_jobs(a, inp: str, jobs: dict, env: dict, s3_client=None) -> None:
                           f"partition dirs {dirs:>7,}")
     print(f"\nscale {a.scale}: medians of {a.repeat} runs")
     med = {name: statistics.median(v) for name, v in walls.items()}
+    cores = os.cpu_count() or 1
     for name, m in med.items():
         print(f"  {name:<13} {m:7.1f}s" + (f"   ({m / med['etl.py']:.1f}x etl.py)" if name != "etl.py" else ""))
+    # No run can take less wall time than its CPU time spread over every core.
+    print(f"  CPU seconds (and the least wall time they allow on {cores} cores):")
+    for name, v in cpus.items():
+        c = statistics.median(v)
+        print(f"  {name:<13} {c:7.1f}   ({c / cores:.1f}s)")
     for name in ("bare read", "bare defaults"):
         if name in med:
             print(f"  etl.py = {med['etl.py'] / med[name]:.2f}x {name}")
