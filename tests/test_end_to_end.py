@@ -111,12 +111,16 @@ def test_songs_files_are_plain_and_uncompressed_the_other_tables_snappy(spark, s
         codecs, encodings = parquet_codecs_and_encodings(spark, path)
         assert codecs == {"UNCOMPRESSED"}, path
         assert not encodings & {"PLAIN_DICTIONARY", "RLE_DICTIONARY"}, path
-    # the tables of many rows per file keep Spark's default: snappy, with dictionaries
+    # the tables of many rows per file keep Spark's default: snappy, with dictionaries.  Parquet
+    # drops a column's dictionary when it does not pay, so only tables with columns of repeated
+    # values are asked for one: in artists' 69 mostly distinct rows only location may keep its
+    # dictionary, and it did not in one CI run on a clean machine.
     for table in ("songplays", "time", "users", "artists"):
         path = glob.glob(os.path.join(sample_lake, table, "**", "*.parquet"), recursive=True)[0]
         codecs, encodings = parquet_codecs_and_encodings(spark, path)
         assert codecs == {"SNAPPY"}, table
-        assert encodings & {"PLAIN_DICTIONARY", "RLE_DICTIONARY"}, table
+        if table != "artists":
+            assert encodings & {"PLAIN_DICTIONARY", "RLE_DICTIONARY"}, table
 
 
 def test_fast_local_file_system_is_used_and_sets_ordinary_permissions(spark, sample_lake):
