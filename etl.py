@@ -974,6 +974,37 @@ public class SparkifyS3AFileSystem extends S3AFileSystem {
     return n;
   }
 
+  /** Fetch ahead (as prefetch does) the files a tree listed by listTree holds under dir whose
+   *  names end with suffix, skipping what Spark's listing skips (names starting with "_" or ".",
+   *  and whatever lies under such folders); returns how many.  The fetching starts while Spark
+   *  still plans the read. */
+  public int prefetchListed(String dir, String suffix, int threads) throws Exception {
+    String root = pathToKey(makeQualified(new Path(dir)));
+    String prefix = getBucket() + "/" + (root.isEmpty() ? "" : root + "/");
+    StringBuilder listing = new StringBuilder();
+    for (Map.Entry<String, FileStatus[]> e : LISTED.entrySet()) {
+      if (!e.getKey().startsWith(prefix) || hidden(e.getKey().substring(prefix.length()))) {
+        continue;
+      }
+      for (FileStatus st : e.getValue()) {
+        String name = st.getPath().getName();
+        if (st.isFile() && name.endsWith(suffix) && !hidden(name)) {
+          listing.append(st.getPath().toString()).append('\n');
+        }
+      }
+    }
+    return prefetch(listing.toString(), threads);
+  }
+
+  static boolean hidden(String relative) {
+    for (String part : relative.split("/")) {
+      if (part.startsWith("_") || part.startsWith(".")) {
+        return true;
+      }
+    }
+    return false;
+  }
+
   @Override
   public FileStatus[] listStatus(Path f) throws FileNotFoundException, IOException {
     String key = pathToKey(makeQualified(f));
@@ -984,6 +1015,11 @@ public class SparkifyS3AFileSystem extends S3AFileSystem {
   /** How many objects fetched ahead (or being fetched) wait for their read. */
   public int prefetchedWaiting() {
     return PREFETCHED.size();
+  }
+
+  /** Drop the listings made ahead and not used. */
+  public void clearListed() {
+    LISTED.clear();
   }
 
   /** Drop what was fetched or listed ahead and not used. */
@@ -2082,11 +2118,18 @@ def extract(spark, storage: Storage, cfg: Config, stages: Stages, keep: list, po
         if s3 is not None:  # listed with a request per 1,000 objects, not one per directory
             for root in (song_root, log_root):
                 s3.listTree(root)
+            # thousands of tiny song objects: fetched ahead, many at a time, from now on (the
+            # server works while Spark plans the read)
+            s3.prefetchListed(song_root, ".json", PREFETCH_THREADS)
         songs_raw = read_json(spark, [song_root], song_schema())
         logs_raw = read_json(spark, log_paths(storage, log_root, cfg.months), log_schema())
-    finally:
+    except BaseException:
         if s3 is not None:
             s3.clearPrefetched()
+        raise
+    finally:
+        if s3 is not None:
+            s3.clearListed()
     song_files, log_files = input_files(spark, songs_raw), input_files(spark, logs_raw)
     for files, root in ((song_files, song_root), (log_files, log_root)):
         if not files:
@@ -2094,7 +2137,7 @@ def extract(spark, storage: Storage, cfg: Config, stages: Stages, keep: list, po
     songs_tagged, logs_tagged = tag_songs(songs_raw), tag_logs(logs_raw)
     songs_tagged, logs_tagged = (keep_df(keep, df.persist(StorageLevel.MEMORY_AND_DISK))
                                  for df in (songs_tagged, logs_tagged))
-    if s3 is not None:  # thousands of tiny song objects: fetched ahead, many at a time
+    if s3 is not None:  # what the listing ahead did not give (each object is fetched once)
         s3.prefetch("\n".join(song_files), PREFETCH_THREADS)
     try:
         song_counts, log_counts = stages.run("read input", parallel, [

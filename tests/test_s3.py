@@ -525,6 +525,26 @@ def test_prefetched_objects_are_handed_to_the_read_once(spark, s3, sample_bucket
     assert reader.json(f"s3a://{sample_bucket}/pre/").count() == 40
 
 
+def test_a_listed_tree_s_json_objects_are_fetched_ahead_without_what_spark_skips(spark, s3, sample_bucket):
+    client = s3.client()
+    shown = [f"ahead/d{i % 3}/f{i}.json" for i in range(30)]
+    skipped = ["ahead/d0/_hidden.json", "ahead/d1/.dot.json", "ahead/_tmp/f.json", "ahead/d2/notes.txt"]
+    for i, key in enumerate(shown + skipped):
+        client.put_object(Bucket=sample_bucket, Key=key, Body=f'{{"i": {i}}}\n'.encode())
+    etl.configure_s3a(spark, s3_cfg(s3, sample_bucket, "ahead"))
+    fs = etl.jvm_s3a(spark, f"s3a://{sample_bucket}/ahead")
+    root = f"s3a://{sample_bucket}/ahead"
+    try:
+        assert fs.listTree(root) == len(shown) + len(skipped)
+        assert fs.prefetchListed(root, ".json", 8) == len(shown)
+        assert fs.prefetchedWaiting() == len(shown)
+    finally:
+        fs.clearListed()
+    reader = spark.read.schema("i INT").option("recursiveFileLookup", "true").option("pathGlobFilter", "*.json")
+    assert sorted(r.i for r in reader.json(root).collect()) == list(range(30))
+    assert fs.prefetchedWaiting() == 0  # Spark's read took every object fetched ahead
+
+
 def listing(fs, jvm, path):
     statuses = fs.listStatus(jvm.org.apache.hadoop.fs.Path(path))
     return sorted((str(st.getPath()), st.isDirectory(), st.getLen()) for st in statuses)
