@@ -897,7 +897,12 @@ public class SparkifyS3AFileSystem extends S3AFileSystem {
       if (line.isEmpty()) {
         continue;
       }
-      Path q = makeQualified(new Path(new java.net.URI(line)));
+      Path q;
+      try {
+        q = makeQualified(new Path(new java.net.URI(line)));
+      } catch (java.net.URISyntaxException e) {
+        continue;  // not fetched ahead: the read fetches it itself
+      }
       if (!getBucket().equals(q.toUri().getHost())) {
         continue;
       }
@@ -989,7 +994,7 @@ public class SparkifyS3AFileSystem extends S3AFileSystem {
       for (FileStatus st : e.getValue()) {
         String name = st.getPath().getName();
         if (st.isFile() && name.endsWith(suffix) && !hidden(name)) {
-          listing.append(st.getPath().toString()).append('\n');
+          listing.append(st.getPath().toUri().toString()).append('\n');
         }
       }
     }

@@ -527,7 +527,7 @@ def test_prefetched_objects_are_handed_to_the_read_once(spark, s3, sample_bucket
 
 def test_a_listed_tree_s_json_objects_are_fetched_ahead_without_what_spark_skips(spark, s3, sample_bucket):
     client = s3.client()
-    shown = [f"ahead/d{i % 3}/f{i}.json" for i in range(30)]
+    shown = [f"ahead/d{i % 3}/f{i}.json" for i in range(29)] + ["ahead/d2/a name with spaces.json"]
     skipped = ["ahead/d0/_hidden.json", "ahead/d1/.dot.json", "ahead/_tmp/f.json", "ahead/d2/notes.txt"]
     for i, key in enumerate(shown + skipped):
         client.put_object(Bucket=sample_bucket, Key=key, Body=f'{{"i": {i}}}\n'.encode())
