@@ -92,3 +92,97 @@ def start(workdir: str) -> S3Server:
                 server.stop()
                 raise RuntimeError(f"SeaweedFS did not start in 60 s; see {log_path}") from None
             time.sleep(0.3)
+
+
+class FlakyS3:
+    """An HTTP proxy on loopback in front of the S3 server that answers 503 SlowDown, as S3 does
+    under load, to the first try of every `every`-th request (picked by a hash of its method and
+    path, so each fails once and its retry goes through), and records every request: method,
+    path, whether it was refused, and how its payload was signed (`x-amz-content-sha256`)."""
+
+    SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+                 b"<Message>Please reduce your request rate.</Message></Error>")
+
+    def __init__(self, target: str, every: int = 4):
+        import http.server
+        import threading
+        from urllib.parse import urlsplit
+
+        self.target = urlsplit(target)
+        self.every = every
+        self.requests = []  # (method, path, refused, payload signing)
+        self._refused = set()
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                proxy._handle(self)
+
+            do_PUT = do_POST = do_DELETE = do_HEAD = do_GET
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _refuse(self, method: str, path: str) -> bool:
+        import zlib
+
+        ident = f"{method} {path}"
+        with self._lock:
+            if zlib.crc32(ident.encode()) % self.every or ident in self._refused:
+                return False
+            self._refused.add(ident)
+            return True
+
+    def _handle(self, h) -> None:
+        import http.client
+
+        length = int(h.headers.get("Content-Length") or 0)
+        body = h.rfile.read(length) if length else None
+        refused = self._refuse(h.command, h.path)
+        with self._lock:
+            self.requests.append((h.command, h.path, refused, h.headers.get("x-amz-content-sha256", "")))
+        if refused:
+            h.send_response(503, "Slow Down")
+            h.send_header("Content-Type", "application/xml")
+            h.send_header("Content-Length", str(len(self.SLOW_DOWN)))
+            h.end_headers()
+            if h.command != "HEAD":
+                h.wfile.write(self.SLOW_DOWN)
+            return
+        # Every header as sent (the Host header too: it is signed), but the hop-by-hop ones.
+        headers = {k: v for k, v in h.headers.items() if k.lower() not in ("connection", "keep-alive")}
+        conn = http.client.HTTPConnection(self.target.hostname, self.target.port, timeout=120)
+        try:
+            conn.putrequest(h.command, h.path, skip_host=True, skip_accept_encoding=True)
+            for k, v in headers.items():
+                conn.putheader(k, v)
+            conn.endheaders(body)
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        h.send_response_only(resp.status, resp.reason)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length"):
+                h.send_header(k, v)
+        no_body = h.command == "HEAD" or resp.status in (204, 304)
+        h.send_header("Content-Length", resp.getheader("Content-Length", "0") if no_body else str(len(data)))
+        h.end_headers()
+        if not no_body:
+            h.wfile.write(data)

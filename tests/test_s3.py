@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, SAMPLE, hadoop_keys_after_a_run, table_rows
@@ -585,3 +586,71 @@ def test_yarn_settings_stay_out_of_the_hadoop_configuration_after_a_run_on_s3(s3
     impl, yarn, _ = hadoop_keys_after_a_run(f"s3a://{sample_bucket}/input", f"s3a://{sample_bucket}/yarn",
                                             s3.env())
     assert (impl, yarn) == (etl.FAST_LOCAL_FS, 0)
+
+
+# ---- small requests as plain signed HTTP, and S3 that refuses first tries
+
+
+def plain_requests(spark):
+    puts, gets, failures = map(int, spark._jvm.org.apache.hadoop.fs.s3a.SparkifyS3AFileSystem.plainRequests().split())
+    return {"puts": puts, "gets": gets, "failures": failures}
+
+
+ODD_NAMES = ["a b.json", "ü/é ñ.json", "plus+equals=amp&.json", "per%cent.json", "q?h#s*.json", "~t!l'(d),.json"]
+
+
+def test_small_objects_go_up_and_come_back_as_plain_requests_whatever_their_names(spark, s3, sample_bucket,
+                                                                               tmp_path):
+    etl.configure_s3a(spark, s3_cfg(s3, sample_bucket, "plain"))
+    fs = etl.jvm_s3a(spark, f"s3a://{sample_bucket}/plain")
+    before = plain_requests(spark)
+    files = []
+    for i, name in enumerate(ODD_NAMES * 5):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(f'{{"i": {i}}}\n'.encode() * (i + 1))
+        files.append((str(path), f"plain/d{i % 5}/{i}-{name}"))
+    etl.upload_files(s3.client(), sample_bucket, files, jvm_fs=fs)
+    after_puts = plain_requests(spark)
+    assert after_puts["puts"] - before["puts"] == len(files)
+    client = s3.client()
+    for path, key in files:  # as signed, under its own name, whole (the ETag checked by the upload too)
+        assert client.get_object(Bucket=sample_bucket, Key=key)["Body"].read() == Path(path).read_bytes()
+    # Read back through the session's s3a: one plain GET each, the same bytes.
+    jpath = spark._jvm.org.apache.hadoop.fs.Path
+    for path, key in files:
+        if "?" in key or "#" in key or "%" in key:
+            continue  # not names a Hadoop Path takes
+        stream = fs.open(jpath(f"s3a://{sample_bucket}/{key}"))
+        try:
+            data = bytes(spark._jvm.org.apache.commons.io.IOUtils.toByteArray(stream))
+        finally:
+            stream.close()
+        assert data == Path(path).read_bytes()
+    after = plain_requests(spark)
+    assert after["gets"] - after_puts["gets"] == 20
+    assert after["failures"] == before["failures"]
+
+
+def test_a_run_through_s3_refusing_a_quarter_of_first_tries_gives_the_same_tables(spark, s3, sample_bucket,
+                                                                                tmp_path):
+    from s3server import FlakyS3
+
+    out = f"s3a://{sample_bucket}/flaky"
+    with FlakyS3(s3.endpoint, every=4) as proxy:
+        r = tool("etl.py", "--input", f"s3a://{sample_bucket}/input", "--output", out,
+                 env_extra=dict(s3.env(), S3_ENDPOINT_URL=proxy.endpoint))
+    assert r.returncode == 0, r.stderr
+    seen = proxy.requests
+    refused = [(m, p, sig) for m, p, no, sig in seen if no]
+    plain = [(m, p) for m, p, _, sig in seen if sig == "UNSIGNED-PAYLOAD"]
+    # The uploads and the reads of small objects went out as plain requests; some of each were
+    # refused, and every refused request went again and through.
+    assert len([m for m, _ in plain if m == "PUT"]) >= 69 and len([m for m, _ in plain if m == "GET"]) >= 71
+    assert {m for m, _, sig in refused if sig == "UNSIGNED-PAYLOAD"} == {"PUT", "GET"}
+    assert [m for m, _, sig in refused if sig != "UNSIGNED-PAYLOAD"]  # s3a's and boto3's own requests too
+    passed = {(m, p) for m, p, no, _ in seen if not no}
+    assert [(m, p) for m, p, _ in refused if (m, p) not in passed] == []
+    local = tmp_path / "local"
+    assert etl.run(etl.load_config(["--input", SAMPLE, "--output", str(local)], environ={}), spark) == 0
+    etl.configure_s3a(spark, s3_cfg(s3, sample_bucket, "flaky"))
+    assert table_rows(spark, out) == table_rows(spark, local)
