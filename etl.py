@@ -615,8 +615,9 @@ def compile_java(qualified: str, source: str, classpath: Sequence[str] = ()) -> 
         return None
     name = qualified.rsplit(".", 1)[1]
     key = hashlib.sha256((source + pyspark.__version__ + ";".join(classpath)).encode()).hexdigest()[:12]
-    out = os.path.join(os.path.dirname(jar_cache_dir()), f"{name.lower()}-{key}")
+    out = os.path.join(cache_dir(), f"{name.lower()}-{key}")
     if os.path.isfile(os.path.join(out, *qualified.split(".")) + ".class"):
+        touch(out)
         return out
     src = tempfile.mkdtemp(prefix="sparkify-javac-")
     with open(os.path.join(src, f"{name}.java"), "w") as f:
@@ -637,6 +638,64 @@ def compile_java(qualified: str, source: str, classpath: Sequence[str] = ()) -> 
     return out
 
 
+# What the job builds in its cache folder, each named KIND-<12 hex digits of what it was built
+# from>: class archives of the JVM (130-190 MB each) and compiled classes.  A new version of the
+# job, pyspark, Java or the class path builds new ones; prune_cache removes those no run uses.
+CACHE_KINDS = ("jvm-classes", "fastlocalfilesystem", "sparkifys3afilesystem")
+OLD_CACHE_KINDS = ("fastfs", "fasts3afilesystem")  # what earlier versions built: none kept
+CACHE_ENTRY = re.compile(r"(?P<kind>[a-z0-9-]+?)-(?P<key>[0-9a-f]{12})(\.jar|\.jsa|\.jsa\.size)?")
+CACHE_KEEP = 4
+CACHE_IDLE_DAYS = 7
+
+
+def cache_dir() -> str:
+    return os.path.dirname(jar_cache_dir())
+
+
+def touch(path: str) -> None:
+    """Mark a cached build as used now (prune_cache keeps what was used lately)."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
+def prune_cache(folder: str | None = None, keep: int = CACHE_KEEP, idle_days: float = CACHE_IDLE_DAYS,
+                now: float | None = None) -> list:
+    """Delete the cached builds no run uses any more: of each kind, all but the `keep` used last,
+    once unused for `idle_days` (runs on several set-ups, or two versions side by side, keep
+    theirs).  Returns the names deleted."""
+    folder = folder or cache_dir()
+    now = time.time() if now is None else now
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    entries = {}  # (kind, key) -> [paths]
+    for name in names:
+        m = CACHE_ENTRY.fullmatch(name)
+        if m and m.group("kind") in CACHE_KINDS + OLD_CACHE_KINDS:
+            entries.setdefault((m.group("kind"), m.group("key")), []).append(os.path.join(folder, name))
+
+    def last_used(paths):
+        return max((os.stat(p).st_mtime for p in paths if os.path.exists(p)), default=0.0)
+
+    deleted = []
+    for kind in CACHE_KINDS + OLD_CACHE_KINDS:
+        builds = sorted((e for e in entries if e[0] == kind), key=lambda e: last_used(entries[e]), reverse=True)
+        for build in builds[keep if kind in CACHE_KINDS else 0:]:
+            if now - last_used(entries[build]) < idle_days * 86400:
+                continue
+            for path in entries[build]:
+                with contextlib.suppress(OSError):
+                    if os.path.isdir(path):
+                        shutil.rmtree(path)
+                    else:
+                        os.remove(path)
+                    deleted.append(os.path.basename(path))
+    if deleted:
+        log.debug("removed %d unused builds from %s: %s", len(deleted), folder, ", ".join(sorted(deleted)))
+    return sorted(deleted)
+
+
 def class_jar(out: str | None) -> str | None:
     """compile_java's output directory as a jar beside it (built once), or None."""
     import zipfile
@@ -644,7 +703,9 @@ def class_jar(out: str | None) -> str | None:
     if not out:
         return None
     jar = out + ".jar"
-    if not os.path.isfile(jar):
+    if os.path.isfile(jar):
+        touch(jar)
+    else:
         tmp = f"{jar}.{os.getpid()}.tmp"
         with zipfile.ZipFile(tmp, "w") as z:
             for d, _, names in os.walk(out):
@@ -707,7 +768,7 @@ def class_archive(classpath: str, heap_gb: float) -> str | None:
             ids += [path, str(st.st_size), str(int(st.st_mtime))]
             break
     key = hashlib.sha256("|".join(ids).encode()).hexdigest()[:12]
-    return os.path.join(os.path.dirname(jar_cache_dir()), f"jvm-classes-{key}.jsa")
+    return os.path.join(cache_dir(), f"jvm-classes-{key}.jsa")
 
 
 def class_archive_options(archive: str | None) -> tuple:
@@ -722,6 +783,7 @@ def class_archive_options(archive: str | None) -> tuple:
     except (OSError, ValueError):
         whole = False
     if whole:
+        touch(archive)
         # Should it be damaged after all, the JVM's crash report goes to the temp dir, not the
         # user's working folder (build_spark then starts without the archive).
         crash = os.path.join(tempfile.gettempdir(), "sparkify-jvm-crash-%p.log")
@@ -1638,6 +1700,7 @@ def build_spark(cfg: Config, app_name: str = "sparkify-etl"):
                           "-XX:Tier4BackEdgeThreshold=500000"]
         archive = class_archive(fast_fs.get("spark.driver.extraClassPath", ""), memory_gb(memory))
         cds, writing = class_archive_options(archive)
+        prune_cache()  # after this run's own builds were marked as used
         builder = builder.config("spark.driver.extraJavaOptions", " ".join(java_opts + cds))
         try:
             spark = builder.getOrCreate()

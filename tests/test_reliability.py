@@ -330,3 +330,52 @@ def test_class_archive_options(tmp_path, monkeypatch):
     assert etl.class_archive("/x/fast.jar", 1.0) is None
     assert etl.class_archive_options(None) == ([], None)
     assert etl.memory_gb("12g") == 12 and etl.memory_gb("4096m") == 4 and etl.memory_gb("?") == 1
+
+
+def test_cached_builds_no_run_uses_any_more_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARKIFY_JARS_DIR", str(tmp_path / "jars"))
+    now, day = time.time(), 86400
+
+    def build(name, age_days, directory=False):
+        path = tmp_path / name
+        if directory:
+            path.mkdir()
+            (path / "A.class").write_bytes(b"x")
+        else:
+            path.write_bytes(b"x")
+        os.utime(path, (now - age_days * day,) * 2)
+
+    for i, age in enumerate([0, 1, 2, 3, 5, 10, 30]):  # class archives, each with its size file
+        build(f"jvm-classes-{i:012x}.jsa", age)
+        build(f"jvm-classes-{i:012x}.jsa.size", 40)
+    for i, age in enumerate([0, 8, 9, 10, 11, 12]):  # compiled classes: a folder and its jar
+        build(f"sparkifys3afilesystem-{i:012x}", age, directory=True)
+        build(f"sparkifys3afilesystem-{i:012x}.jar", age)
+    build("fastfs-00000000000a", 400, directory=True)  # an earlier version's name
+    (tmp_path / "jars").mkdir()
+    others = ["jars", "notes-0123456789ab.txt", "backup-0123456789ab", "jvm-classes-00000000000b.jsa.42.tmp"]
+    for name in others[1:]:
+        build(name, 400)
+    deleted = etl.prune_cache()
+    # Of each kind the 4 used last stay, and whatever was used within a week; the rest goes.
+    assert deleted == sorted(["jvm-classes-000000000005.jsa", "jvm-classes-000000000005.jsa.size",
+                              "jvm-classes-000000000006.jsa", "jvm-classes-000000000006.jsa.size",
+                              "sparkifys3afilesystem-000000000004", "sparkifys3afilesystem-000000000004.jar",
+                              "sparkifys3afilesystem-000000000005", "sparkifys3afilesystem-000000000005.jar",
+                              "fastfs-00000000000a"])
+    left = sorted(os.listdir(tmp_path))
+    assert set(others) <= set(left) and len(left) == len(others) + 10 + 8
+    # A build a run uses is marked as used: an archive mapped by the JVM, a class compiled before.
+    archive = str(tmp_path / "jvm-classes-000000000004.jsa")
+    (tmp_path / "jvm-classes-000000000004.jsa.size").write_text("1")
+    assert f"-XX:SharedArchiveFile={archive}" in etl.class_archive_options(archive)[0]
+    compiled = etl.compile_java("sparkify.A", "package sparkify; public class A {}")
+    if compiled:  # javac present
+        os.utime(compiled, (now - 30 * day,) * 2)
+        assert etl.compile_java("sparkify.A", "package sparkify; public class A {}") == compiled
+        assert os.path.getmtime(compiled) > now - 60
+    assert os.path.getmtime(archive) > now - 60
+    # Keeping none: what was unused for a week goes, the archive just used stays.
+    assert etl.prune_cache(keep=0) == sorted(
+        f"sparkifys3afilesystem-00000000000{i}{s}" for i in (1, 2, 3) for s in ("", ".jar"))
+    assert os.path.exists(archive)
