@@ -653,7 +653,9 @@ def cache_dir() -> str:
 
 
 def touch(path: str) -> None:
-    """Mark a cached build as used now (prune_cache keeps what was used lately)."""
+    """Mark a cached build as used now (prune_cache keeps what was used lately): an archive or a
+    class folder, never a jar (a class archive holds its class path's jar times, and a changed
+    one makes the JVM ignore the archive)."""
     with contextlib.suppress(OSError):
         os.utime(path)
 
@@ -703,9 +705,7 @@ def class_jar(out: str | None) -> str | None:
     if not out:
         return None
     jar = out + ".jar"
-    if os.path.isfile(jar):
-        touch(jar)
-    else:
+    if not os.path.isfile(jar):  # never touched once built: the class archive checks its time
         tmp = f"{jar}.{os.getpid()}.tmp"
         with zipfile.ZipFile(tmp, "w") as z:
             for d, _, names in os.walk(out):
@@ -761,6 +761,11 @@ def class_archive(classpath: str, heap_gb: float) -> str | None:
     home = os.path.dirname(os.path.dirname(java))
     ids = [java, pyspark.__version__, os.path.dirname(pyspark.__file__), classpath,
            "compressed oops" if heap_gb < 32 else "wide oops"]
+    for jar in filter(None, classpath.split(os.pathsep)):
+        # the JVM ignores an archive whose class path jars changed since: a new one is built
+        with contextlib.suppress(OSError):
+            st = os.stat(jar)
+            ids += [str(st.st_size), str(st.st_mtime_ns)]
     for lib in ("lib/server/libjvm.so", "lib/server/libjvm.dylib", "jre/lib/amd64/server/libjvm.so"):
         path = os.path.join(home, lib)
         if os.path.isfile(path):  # identifies the exact Java build

@@ -306,6 +306,13 @@ def test_class_archive_options(tmp_path, monkeypatch):
     archive = etl.class_archive("/x/fast.jar", 1.0)
     assert os.path.dirname(archive) == str(tmp_path)
     assert archive != etl.class_archive("/y/other.jar", 1.0) != etl.class_archive("/x/fast.jar", 40.0)
+    # A jar on the class path changed (the JVM would ignore an archive made with it): a new archive.
+    jar = tmp_path / "fast.jar"
+    jar.write_bytes(b"jar")
+    before = etl.class_archive(str(jar), 1.0)
+    assert etl.class_archive(str(jar), 1.0) == before
+    os.utime(jar, (time.time() - 60,) * 2)
+    assert etl.class_archive(str(jar), 1.0) != before
     # None yet: this run writes it, to a file of its own.
     opts, writing = etl.class_archive_options(archive)
     assert writing == f"{archive}.{os.getpid()}.tmp" and f"-XX:ArchiveClassesAtExit={writing}" in opts
