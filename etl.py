@@ -3018,6 +3018,10 @@ def load_by_upload(spark, cfg: Config, run_id: str, tables: dict, extra: dict, b
 
         stages.run("publish", publish)
         log.info("%s objects uploaded, %s replaced", f"{len(uploads):,}", f"{len(old):,}")
+        if jvm_s3a(spark, cfg.output) is not None:
+            puts, gets, failed = spark._jvm.org.apache.hadoop.fs.s3a.SparkifyS3AFileSystem.plainRequests().split()
+            log.debug("plain S3 requests in this JVM: %s PUTs, %s GETs, %s failed (sent again through the SDK)",
+                      puts, gets, failed)
     finally:
         shutil.rmtree(local, ignore_errors=True)
     return final["tables"], {name: stages.seconds[f"write {name}"] for name in TABLES}

@@ -44,6 +44,7 @@ class S3Server:
     secret_key: str
     proc: subprocess.Popen
     log_path: str
+    ca_bundle: str | None = None  # with TLS: the server's self-signed certificate (PEM)
 
     def env(self) -> dict:
         return {"S3_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
@@ -53,33 +54,70 @@ class S3Server:
         import boto3
 
         return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key)
+                            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+                            verify=self.ca_bundle if self.ca_bundle else None)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
+            try:  # its data is thrown away: no need to wait for a graceful end (TLS: ~12 s)
+                self.proc.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
 
 
-def start(workdir: str) -> S3Server:
+def self_signed(workdir: str) -> tuple:
+    """(certificate, key) PEM files for 127.0.0.1, valid for a day."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = os.path.join(workdir, "cert.pem"), os.path.join(workdir, "key.pem")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def start(workdir: str, tls: bool = False) -> S3Server:
+    """The server; with tls, the endpoint given is its HTTPS one, with a self-signed certificate."""
     os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
     config = os.path.join(workdir, "s3.json")
     with open(config, "w") as f:
         json.dump({"identities": [{"name": "sparkify", "credentials": [
             {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}, f)
-    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
+    flags = (*PORT_FLAGS, "s3.port.https") if tls else PORT_FLAGS
+    ports = dict(zip(flags, free_ports(len(flags))))
     log_path = os.path.join(workdir, "weed.log")
     cmd = [weed_binary(), "mini", f"-dir={workdir}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            "-master.telemetry=false", "-webdav=false", "-admin.ui=false", f"-s3.config={config}",
            *[f"-{flag}={port}" for flag, port in ports.items()]]
+    ca_bundle = None
+    if tls:
+        ca_bundle, key = self_signed(workdir)
+        cmd += [f"-s3.cert.file={ca_bundle}", f"-s3.key.file={key}"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", ACCESS_KEY, SECRET_KEY, proc, log_path)
+    url = f"https://127.0.0.1:{ports['s3.port.https']}" if tls else f"http://127.0.0.1:{ports['s3.port']}"
+    server = S3Server(url, ACCESS_KEY, SECRET_KEY, proc, log_path, ca_bundle)
     deadline = time.time() + 60
     while True:
         if proc.poll() is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SAMPLE, hadoop_keys_after_a_run, table_rows
+from conftest import ROOT, SAMPLE, hadoop_keys_after_a_run, manifest_rows, table_rows
 
 import create_s3
 import etl
@@ -654,3 +655,81 @@ def test_a_run_through_s3_refusing_a_quarter_of_first_tries_gives_the_same_table
     assert etl.run(etl.load_config(["--input", SAMPLE, "--output", str(local)], environ={}), spark) == 0
     etl.configure_s3a(spark, s3_cfg(s3, sample_bucket, "flaky"))
     assert table_rows(spark, out) == table_rows(spark, local)
+
+
+# ---- over HTTPS, S3's own scheme: a second server, with a self-signed certificate
+
+
+@pytest.fixture(scope="module")
+def s3_tls(tmp_path_factory):
+    import s3server
+
+    server = s3server.start(str(tmp_path_factory.mktemp("s3-tls")), tls=True)
+    yield server
+    server.stop()
+
+
+def tls_env(server, folder):
+    """The environment of a run that trusts the server's certificate: boto3 through AWS_CA_BUNDLE,
+    the JVM through a trust store made with the keytool of the Java that runs Spark."""
+    import shutil
+
+    etl.ensure_java()
+    java = etl.java_binary()
+    keytool = os.path.join(os.path.dirname(java), "keytool") if java else None
+    keytool = keytool if keytool and os.path.isfile(keytool) else shutil.which("keytool")
+    assert keytool, "a JDK's keytool makes the JVM's trust store"
+    store = os.path.join(folder, "trust.p12")
+    subprocess.run([keytool, "-importcert", "-noprompt", "-alias", "s3", "-file", server.ca_bundle,
+                    "-keystore", store, "-storetype", "PKCS12", "-storepass", "sparkify"],
+                   check=True, capture_output=True)
+    return dict(server.env(), AWS_CA_BUNDLE=server.ca_bundle,
+                JAVA_TOOL_OPTIONS=f"-Djavax.net.ssl.trustStore={store} -Djavax.net.ssl.trustStorePassword=sparkify "
+                                  "-Djavax.net.ssl.trustStoreType=PKCS12")
+
+
+def plain_requests_logged(stderr):
+    m = re.search(r"plain S3 requests in this JVM: (\d+) PUTs, (\d+) GETs, (\d+) failed", stderr)
+    assert m, stderr[-2000:]
+    return dict(zip(("puts", "gets", "failures"), map(int, m.groups())))
+
+
+def test_over_https_small_requests_go_plain_and_sse_c_goes_through_s3a(s3_tls, tmp_path):
+    env = tls_env(s3_tls, str(tmp_path))
+    client = s3_tls.client()
+    data, lake = bucket_name("tls-in"), bucket_name("tls-ssec")
+    for name in (data, lake):
+        client.create_bucket(Bucket=name)
+    create_s3.upload_tree(client, SAMPLE, data, "input")
+    local = tmp_path / "local"
+    assert tool("etl.py", "--input", SAMPLE, "--output", str(local)).returncode == 0
+    # Plain requests over TLS, signed for the HTTPS endpoint: every upload and read, none failed.
+    r = tool("etl.py", "--input", f"s3a://{data}/input", "--output", f"s3a://{data}/lake", "--log-level", "DEBUG",
+             env_extra=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plain = plain_requests_logged(r.stderr)
+    manifest = json.loads(client.get_object(Bucket=data, Key="lake/_manifest.json")["Body"].read())
+    files = sum(len(t["files"]) for t in manifest["tables"].values())
+    assert plain["puts"] >= files > 69 and plain["gets"] >= 101 and plain["failures"] == 0
+    assert {n: t["rows"] for n, t in manifest["tables"].items()} == manifest_rows(str(local))
+    # SSE-C on the output bucket, set as a user sets it: s3a's requests carry the customer key
+    # (the SDK sends it over HTTPS only), so nothing goes plain; the rerun reads the manifest back.
+    key = base64.b64encode(os.urandom(32)).decode()
+    conf = " ".join(f"--conf spark.hadoop.fs.s3a.bucket.{lake}.{k}={v}" for k, v in
+                    (("server-side-encryption-algorithm", "SSE-C"), ("server-side-encryption.key", key)))
+    env_c = dict(env, PYSPARK_SUBMIT_ARGS=f"{conf} pyspark-shell")
+    for _ in (1, 2):  # the second run replaces the first one's objects
+        r = tool("etl.py", "--input", f"s3a://{data}/input", "--output", f"s3a://{lake}/lake", "--log-level",
+                 "DEBUG", env_extra=env_c)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert plain_requests_logged(r.stderr)["puts"] == 0
+    assert re.search(r"[1-9][\d,]* objects uploaded, [1-9][\d,]* replaced", r.stderr)
+    keys = sorted(objects(s3_tls, lake, "lake"))
+    sse = {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": base64.b64decode(key)}
+    ssec_manifest = json.loads(client.get_object(Bucket=lake, Key="lake/_manifest.json", **sse)["Body"].read())
+    assert published_keys(ssec_manifest, "lake") <= set(keys)
+    assert {n: t["rows"] for n, t in ssec_manifest["tables"].items()} == manifest_rows(str(local))
+    for k in keys:  # refused without the key, served with it
+        with pytest.raises(client.exceptions.ClientError):
+            client.head_object(Bucket=lake, Key=k)
+        client.head_object(Bucket=lake, Key=k, **sse)
