@@ -1339,6 +1339,7 @@ public class SparkifyS3AFileSystem extends S3AFileSystem {
       byte[] data = Files.readAllBytes(file.toPath());
       byte[] md5 = digest("MD5", data);
       HttpURLConnection c = open("PUT", key, "content-md5", Base64.getEncoder().encodeToString(md5));
+      c.setRequestProperty("Content-Type", "application/octet-stream");  // as the SDK's uploads
       c.setDoOutput(true);
       c.setFixedLengthStreamingMode(data.length);
       try (OutputStream out = c.getOutputStream()) {
@@ -1421,7 +1422,11 @@ public class SparkifyS3AFileSystem extends S3AFileSystem {
       String toSign = "AWS4-HMAC-SHA256\n" + date + "\n" + date.substring(0, 8) + "/" + scope + "\n"
           + hex(digest("SHA-256", canonical.toString().getBytes(StandardCharsets.UTF_8)));
       String signature = hex(hmac(k.signingKey, toSign));
-      HttpURLConnection c = (HttpURLConnection) new URL(origin + path).openConnection();
+      // Straight to the endpoint, as the SDK goes (a JVM-wide http.proxyHost is not s3a's proxy,
+      // and with s3a's proxy set these requests are not used), and no redirect followed (it
+      // would carry a signature for another host): any of that fails here and goes to the SDK.
+      HttpURLConnection c = (HttpURLConnection) new URL(origin + path).openConnection(java.net.Proxy.NO_PROXY);
+      c.setInstanceFollowRedirects(false);
       c.setRequestMethod(method);
       c.setConnectTimeout(connectTimeout);
       c.setReadTimeout(readTimeout);

@@ -278,7 +278,7 @@ def run_jobs(a, inp: str, jobs: dict, env: dict, server=None) -> None:
     med = {name: statistics.median(v) for name, v in walls.items()}
     cores = os.cpu_count() or 1
     for name, m in med.items():
-        print(f"  {name:<13} {m:7.1f}s" + (f"   ({m / med['etl.py']:.1f}x etl.py)" if name != "etl.py" else ""))
+        print(f"  {name:<13} {m:7.1f}s" + (f"   ({m / med['etl.py']:.2f}x etl.py)" if name != "etl.py" else ""))
     # No run can take less wall time than its CPU time spread over every core.
     print(f"  CPU seconds (and the least wall time they allow on {cores} cores):")
     for name, v in cpus.items():
