@@ -141,7 +141,7 @@ class FlakyS3:
     SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                  b"<Message>Please reduce your request rate.</Message></Error>")
 
-    def __init__(self, target: str, every: int = 4):
+    def __init__(self, target: str, every: int = 5):
         import http.server
         import threading
         from urllib.parse import urlsplit
