@@ -1056,12 +1056,14 @@ public class SparkifyS3AFileSystem extends S3AFileSystem {
         }
         for (int i = 0; i < parts.length; i++) {
           String child = parent + parts[i];
-          Path path = keyToQualifiedPath(child);
-          FileStatus st = i == parts.length - 1 && !marker
-              ? new S3AFileStatus(o.getSize(), o.getLastModified().getTime(), path, blockSize, owner,
-                                  o.getETag(), null)
-              : new S3AFileStatus(Tristate.FALSE, path, owner);
-          children.computeIfAbsent(parent, k -> new LinkedHashMap<>()).putIfAbsent(child, st);
+          Map<String, FileStatus> siblings = children.computeIfAbsent(parent, k -> new LinkedHashMap<>());
+          if (!siblings.containsKey(child)) {  // a folder's entry made once, not once per object in it
+            Path path = keyToQualifiedPath(child);
+            siblings.put(child, i == parts.length - 1 && !marker
+                ? new S3AFileStatus(o.getSize(), o.getLastModified().getTime(), path, blockSize, owner,
+                                    o.getETag(), null)
+                : new S3AFileStatus(Tristate.FALSE, path, owner));
+          }
           parent = child + "/";
         }
         n += marker ? 0 : 1;
