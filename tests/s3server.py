@@ -136,18 +136,23 @@ class FlakyS3:
     """An HTTP proxy on loopback in front of the S3 server that answers 503 SlowDown, as S3 does
     under load, to the first try of every `every`-th request (picked by a hash of its method and
     path, so each fails once and its retry goes through), and records every request: method,
-    path, whether it was refused, and how its payload was signed (`x-amz-content-sha256`)."""
+    path, whether it was refused, and how its payload was signed (`x-amz-content-sha256`).
+    With refuse_unsigned, it also answers 403 to every request signed with UNSIGNED-PAYLOAD, as
+    an S3-compatible server that takes signed payloads only would."""
 
     SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                  b"<Message>Please reduce your request rate.</Message></Error>")
+    ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                     b"<Message>Unsigned payloads are not accepted.</Message></Error>")
 
-    def __init__(self, target: str, every: int = 5):
+    def __init__(self, target: str, every: int = 5, refuse_unsigned: bool = False):
         import http.server
         import threading
         from urllib.parse import urlsplit
 
         self.target = urlsplit(target)
         self.every = every
+        self.refuse_unsigned = refuse_unsigned
         self.requests = []  # (method, path, refused, payload signing)
         self._refused = set()
         self._lock = threading.Lock()
@@ -182,7 +187,7 @@ class FlakyS3:
 
         ident = f"{method} {path}"
         with self._lock:
-            if zlib.crc32(ident.encode()) % self.every or ident in self._refused:
+            if not self.every or zlib.crc32(ident.encode()) % self.every or ident in self._refused:
                 return False
             self._refused.add(ident)
             return True
@@ -192,16 +197,20 @@ class FlakyS3:
 
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else None
-        refused = self._refuse(h.command, h.path)
+        signing = h.headers.get("x-amz-content-sha256", "")
+        denied = self.refuse_unsigned and signing == "UNSIGNED-PAYLOAD"
+        refused = denied or self._refuse(h.command, h.path)
         with self._lock:
-            self.requests.append((h.command, h.path, refused, h.headers.get("x-amz-content-sha256", "")))
+            self.requests.append((h.command, h.path, refused, signing))
         if refused:
-            h.send_response(503, "Slow Down")
+            status, reason, body = (403, "Forbidden", self.ACCESS_DENIED) if denied else \
+                (503, "Slow Down", self.SLOW_DOWN)
+            h.send_response(status, reason)
             h.send_header("Content-Type", "application/xml")
-            h.send_header("Content-Length", str(len(self.SLOW_DOWN)))
+            h.send_header("Content-Length", str(len(body)))
             h.end_headers()
             if h.command != "HEAD":
-                h.wfile.write(self.SLOW_DOWN)
+                h.wfile.write(body)
             return
         # Every header as sent (the Host header too: it is signed), but the hop-by-hop ones.
         headers = {k: v for k, v in h.headers.items() if k.lower() not in ("connection", "keep-alive")}

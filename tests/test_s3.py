@@ -668,6 +668,27 @@ def test_a_run_through_s3_refusing_a_fifth_of_first_tries_gives_the_same_tables(
     assert table_rows(spark, out) == table_rows(spark, local)
 
 
+def test_a_server_refusing_unsigned_payloads_gets_the_run_through_the_sdk(spark, s3, sample_bucket, tmp_path):
+    from s3server import FlakyS3
+
+    out = f"s3a://{sample_bucket}/signed-only"
+    with FlakyS3(s3.endpoint, every=0, refuse_unsigned=True) as proxy:
+        r = tool("etl.py", "--input", f"s3a://{sample_bucket}/input", "--output", out,
+                 env_extra=dict(s3.env(), S3_ENDPOINT_URL=proxy.endpoint))
+    assert r.returncode == 0, r.stderr
+    plain = [m for m, _, _, sig in proxy.requests if sig == "UNSIGNED-PAYLOAD"]
+    sdk_puts = [p for m, p, no, sig in proxy.requests if m == "PUT" and sig != "UNSIGNED-PAYLOAD" and not no]
+    # After 8 refusals in a row no new plain request starts: at most those 8 and the ones already
+    # under way in the 32 fetch-ahead threads were sent; every upload went through the SDK.
+    assert 8 <= len(plain) <= 8 + 32 and "PUT" not in plain
+    manifest = json.loads(s3.client().get_object(Bucket=sample_bucket, Key="signed-only/_manifest.json")["Body"].read())
+    assert len(sdk_puts) > sum(len(t["files"]) for t in manifest["tables"].values()) > 69
+    local = tmp_path / "local"
+    assert etl.run(etl.load_config(["--input", SAMPLE, "--output", str(local)], environ={}), spark) == 0
+    etl.configure_s3a(spark, s3_cfg(s3, sample_bucket, "signed-only"))
+    assert table_rows(spark, out) == table_rows(spark, local)
+
+
 # ---- over HTTPS, S3's own scheme: a second server, with a self-signed certificate
 
 
