@@ -1202,22 +1202,28 @@ public class SparkifyS3AFileSystem extends S3AFileSystem {
   static final AtomicLong LEAN_PUTS = new AtomicLong();
   static final AtomicLong LEAN_GETS = new AtomicLong();
   static final AtomicLong LEAN_FAILURES = new AtomicLong();
-  private Lean lean;
-  private boolean leanDecided;
+  private volatile Lean lean;
+  private volatile boolean leanDecided;
 
   /** The plain-HTTP client for this bucket, or null where s3a's requests carry more than a
    *  signature (or its requests failed LEAN_MAX_FAILURES times in a row, or
-   *  fs.s3a.sparkify.plain-requests is false). */
-  synchronized Lean lean() {
+   *  fs.s3a.sparkify.plain-requests is false).  Decided once; no lock after that (every small
+   *  request of every thread asks). */
+  Lean lean() {
     if (!leanDecided) {
-      leanDecided = true;
-      try {
-        lean = Lean.create(this);
-      } catch (Exception e) {
-        lean = null;  // everything through the SDK
+      synchronized (this) {
+        if (!leanDecided) {
+          try {
+            lean = Lean.create(this);
+          } catch (Exception e) {
+            lean = null;  // everything through the SDK
+          }
+          leanDecided = true;
+        }
       }
     }
-    return lean != null && lean.failures.get() < LEAN_MAX_FAILURES ? lean : null;
+    Lean l = lean;
+    return l != null && l.failures.get() < LEAN_MAX_FAILURES ? l : null;
   }
 
   /** "puts gets failures" made the plain way in this JVM (for tests and the debug log). */
