@@ -678,7 +678,11 @@ def prune_cache(folder: str | None = None, keep: int = CACHE_KEEP, idle_days: fl
             entries.setdefault((m.group("kind"), m.group("key")), []).append(os.path.join(folder, name))
 
     def last_used(paths):
-        return max((os.stat(p).st_mtime for p in paths if os.path.exists(p)), default=0.0)
+        times = []
+        for p in paths:
+            with contextlib.suppress(OSError):  # another run may be pruning too
+                times.append(os.stat(p).st_mtime)
+        return max(times, default=now)  # gone meanwhile: as if just used, so left alone
 
     deleted = []
     for kind in CACHE_KINDS + OLD_CACHE_KINDS:
@@ -1718,7 +1722,10 @@ def build_spark(cfg: Config, app_name: str = "sparkify-etl"):
                           "-XX:Tier4BackEdgeThreshold=500000"]
         archive = class_archive(fast_fs.get("spark.driver.extraClassPath", ""), memory_gb(memory))
         cds, writing = class_archive_options(archive)
-        prune_cache()  # after this run's own builds were marked as used
+        try:  # after this run's own builds were marked as used
+            prune_cache()
+        except Exception as e:  # housekeeping: never what fails a run
+            log.debug("cache not pruned: %s", e)
         builder = builder.config("spark.driver.extraJavaOptions", " ".join(java_opts + cds))
         try:
             spark = builder.getOrCreate()

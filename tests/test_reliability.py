@@ -386,3 +386,23 @@ def test_cached_builds_no_run_uses_any_more_are_removed(tmp_path, monkeypatch):
     assert etl.prune_cache(keep=0) == sorted(
         f"sparkifys3afilesystem-00000000000{i}{s}" for i in (1, 2, 3) for s in ("", ".jar"))
     assert os.path.exists(archive)
+
+
+def test_pruning_skips_builds_another_run_removes_meanwhile(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARKIFY_JARS_DIR", str(tmp_path / "jars"))
+    old = time.time() - 30 * 86400
+    for i in range(6):
+        for suffix in (".jsa", ".jsa.size"):
+            path = tmp_path / f"jvm-classes-{i:012x}{suffix}"
+            path.write_bytes(b"x")
+            os.utime(path, (old + i,) * 2)
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):  # the oldest archive vanishes between listing and looking
+        if "jvm-classes-000000000000" in str(path):
+            raise FileNotFoundError(path)
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    # It counts as just used (left alone); of the other five the oldest two go, no error.
+    assert etl.prune_cache() == [f"jvm-classes-00000000000{i}.jsa{s}" for i in (1, 2) for s in ("", ".size")]
