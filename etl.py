@@ -660,13 +660,11 @@ def touch(path: str) -> None:
         os.utime(path)
 
 
-def prune_cache(folder: str | None = None, keep: int = CACHE_KEEP, idle_days: float = CACHE_IDLE_DAYS,
-                now: float | None = None) -> list:
+def prune_cache(keep: int = CACHE_KEEP) -> list:
     """Delete the cached builds no run uses any more: of each kind, all but the `keep` used last,
-    once unused for `idle_days` (runs on several set-ups, or two versions side by side, keep
+    once unused for CACHE_IDLE_DAYS (runs on several set-ups, or two versions side by side, keep
     theirs).  Returns the names deleted."""
-    folder = folder or cache_dir()
-    now = time.time() if now is None else now
+    folder, now = cache_dir(), time.time()
     try:
         names = os.listdir(folder)
     except OSError:
@@ -684,11 +682,12 @@ def prune_cache(folder: str | None = None, keep: int = CACHE_KEEP, idle_days: fl
                 times.append(os.stat(p).st_mtime)
         return max(times, default=now)  # gone meanwhile: as if just used, so left alone
 
+    used = {build: last_used(paths) for build, paths in entries.items()}
     deleted = []
     for kind in CACHE_KINDS + OLD_CACHE_KINDS:
-        builds = sorted((e for e in entries if e[0] == kind), key=lambda e: last_used(entries[e]), reverse=True)
+        builds = sorted((b for b in entries if b[0] == kind), key=used.get, reverse=True)
         for build in builds[keep if kind in CACHE_KINDS else 0:]:
-            if now - last_used(entries[build]) < idle_days * 86400:
+            if now - used[build] < CACHE_IDLE_DAYS * 86400:
                 continue
             for path in entries[build]:
                 with contextlib.suppress(OSError):
@@ -2914,6 +2913,13 @@ def upload_files(client, bucket: str, files: list, cfg: Config | None = None, jv
         workers.map(_upload_worker, [(cfg, bucket, files[i::procs], args) for i in range(procs)])
 
 
+def plain_requests(spark) -> dict:
+    """How many S3 requests this session's JVM sent as plain signed HTTP (SparkifyS3AFileSystem):
+    {"puts", "gets", "failures"} (failed ones were sent again through the SDK)."""
+    counts = spark._jvm.org.apache.hadoop.fs.s3a.SparkifyS3AFileSystem.plainRequests().split()
+    return dict(zip(("puts", "gets", "failures"), map(int, counts)))
+
+
 def jvm_s3a(spark, path: str):
     """The session's SparkifyS3AFileSystem for path, or None when s3a is the stock one."""
     fs = Storage(spark).fs(path)
@@ -3025,11 +3031,12 @@ def load_by_upload(spark, cfg: Config, run_id: str, tables: dict, extra: dict, b
                    "partition_by": list(PARTITIONS[name]), "files": rel[name]}
             for name in TABLES})
         journal = {"run_id": run_id, "kind": "upload", "new": sorted(new_keys), "old": sorted(old)}
+        jvm_fs = jvm_s3a(spark, cfg.output)
 
         def publish():
             client.put_object(Bucket=bucket, Key=f"{base}{JOURNAL}", Body=json.dumps(journal).encode(),
                               **put_args)
-            upload_files(client, bucket, uploads, cfg, jvm_fs=jvm_s3a(spark, cfg.output), args=put_args)
+            upload_files(client, bucket, uploads, cfg, jvm_fs=jvm_fs, args=put_args)
             final["ended"] = utc_now()
             client.put_object(Bucket=bucket, Key=f"{base}_manifest.json",
                               Body=json.dumps(final, indent=2, sort_keys=True).encode(), **put_args)
@@ -3038,10 +3045,10 @@ def load_by_upload(spark, cfg: Config, run_id: str, tables: dict, extra: dict, b
 
         stages.run("publish", publish)
         log.info("%s objects uploaded, %s replaced", f"{len(uploads):,}", f"{len(old):,}")
-        if jvm_s3a(spark, cfg.output) is not None:
-            puts, gets, failed = spark._jvm.org.apache.hadoop.fs.s3a.SparkifyS3AFileSystem.plainRequests().split()
-            log.debug("plain S3 requests in this JVM: %s PUTs, %s GETs, %s failed (sent again through the SDK)",
-                      puts, gets, failed)
+        if jvm_fs is not None:
+            n = plain_requests(spark)
+            log.debug("plain S3 requests in this JVM: %d PUTs, %d GETs, %d failed (sent again through the "
+                      "SDK)", n["puts"], n["gets"], n["failures"])
     finally:
         shutil.rmtree(local, ignore_errors=True)
     return final["tables"], {name: stages.seconds[f"write {name}"] for name in TABLES}

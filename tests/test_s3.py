@@ -115,17 +115,15 @@ def sample_bucket(s3):
     return name
 
 
-def test_s3_run_gives_the_same_tables_as_the_local_run(spark, s3, sample_bucket, tmp_path):
+def test_s3_run_gives_the_same_tables_as_the_local_run(spark, s3, sample_bucket, sample_lake):
     env = s3.env()
     cfg = etl.load_config(["--input", f"s3a://{sample_bucket}/input", "--output", f"s3a://{sample_bucket}/lake"],
                           environ=env)
     # The job's own keys come from the credential chain; in process they come in through dl.cfg's slot.
     cfg.access_key, cfg.secret_key = s3.access_key, s3.secret_key
     assert etl.run(cfg, spark) == 0
-    local = tmp_path / "local"
-    assert etl.run(etl.load_config(["--input", SAMPLE, "--output", str(local)], environ={}), spark) == 0
     s3_rows = table_rows(spark, f"s3a://{sample_bucket}/lake")
-    assert s3_rows == table_rows(spark, local)
+    assert s3_rows == table_rows(spark, sample_lake)
     assert len(s3_rows["songplays"]) == 6820
     body = s3.client().get_object(Bucket=sample_bucket, Key="lake/_manifest.json")["Body"].read()
     manifest = json.loads(body)
@@ -155,17 +153,15 @@ def test_cli_on_s3_keeps_the_secret_out_of_logs_and_manifest(s3, sample_bucket, 
             assert s3.secret_key.encode() not in body, o["Key"]
 
 
-def test_cli_with_the_stock_s3a_file_system_gives_the_same_tables(spark, s3, sample_bucket, tmp_path):
+def test_cli_with_the_stock_s3a_file_system_gives_the_same_tables(spark, s3, sample_bucket, sample_lake):
     """SPARKIFY_FAST_S3A=0 (or no javac): s3a's own reads, boto3's uploads; the same output."""
     env = dict(s3.env(), SPARKIFY_FAST_S3A="0")
     r = tool("etl.py", "--input", f"s3a://{sample_bucket}/input", "--output", f"s3a://{sample_bucket}/stock",
              "--log-level", "DEBUG", env_extra=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "s3a file system: org.apache.hadoop.fs.s3a.S3AFileSystem" in r.stderr
-    local = tmp_path / "local"
-    assert etl.run(etl.load_config(["--input", SAMPLE, "--output", str(local)], environ={}), spark) == 0
     etl.configure_s3a(spark, s3_cfg(s3, sample_bucket, "stock"))
-    assert table_rows(spark, f"s3a://{sample_bucket}/stock") == table_rows(spark, local)
+    assert table_rows(spark, f"s3a://{sample_bucket}/stock") == table_rows(spark, sample_lake)
 
 
 def test_cli_wrong_secret_or_dead_endpoint_exits_2_with_one_line(s3, sample_bucket):
@@ -344,7 +340,7 @@ def unencrypted(s3, bucket, keys):
 
 
 def test_every_object_the_job_writes_follows_s3a_s_encryption_setting(spark, s3, sample_bucket, monkeypatch,
-                                                                    tmp_path):
+                                                                    sample_lake):
     # SSE-S3 for one bucket, set as a user sets s3a options (the server reports it per object).
     name = bucket_name("sse")
     s3.client().create_bucket(Bucket=name)
@@ -373,9 +369,7 @@ def test_every_object_the_job_writes_follows_s3a_s_encryption_setting(spark, s3,
     monkeypatch.undo()
     etl.recover_publish(spark, etl.Storage(spark), cfg.output, cfg)
     assert len(objects(s3, name, "lake")) == len(first)
-    local = tmp_path / "local"
-    assert etl.run(etl.load_config(["--input", SAMPLE, "--output", str(local)], environ={}), spark) == 0
-    assert table_rows(spark, cfg.output) == table_rows(spark, local)
+    assert table_rows(spark, cfg.output) == table_rows(spark, sample_lake)
 
 
 def test_an_sse_c_manifest_is_read_back_with_the_key_s3a_holds(spark, s3, sample_bucket):
@@ -592,11 +586,6 @@ def test_yarn_settings_stay_out_of_the_hadoop_configuration_after_a_run_on_s3(s3
 # ---- small requests as plain signed HTTP, and S3 that refuses first tries
 
 
-def plain_requests(spark):
-    puts, gets, failures = map(int, spark._jvm.org.apache.hadoop.fs.s3a.SparkifyS3AFileSystem.plainRequests().split())
-    return {"puts": puts, "gets": gets, "failures": failures}
-
-
 ODD_NAMES = ["a b.json", "ü/é ñ.json", "plus+equals=amp&.json", "per%cent.json", "q?h#s*.json", "~t!l'(d),.json"]
 
 
@@ -604,14 +593,14 @@ def test_small_objects_go_up_and_come_back_as_plain_requests_whatever_their_name
                                                                                tmp_path):
     etl.configure_s3a(spark, s3_cfg(s3, sample_bucket, "plain"))
     fs = etl.jvm_s3a(spark, f"s3a://{sample_bucket}/plain")
-    before = plain_requests(spark)
+    before = etl.plain_requests(spark)
     files = []
     for i, name in enumerate(ODD_NAMES * 5):
         path = tmp_path / f"f{i}"
         path.write_bytes(f'{{"i": {i}}}\n'.encode() * (i + 1))
         files.append((str(path), f"plain/d{i % 5}/{i}-{name}"))
     etl.upload_files(s3.client(), sample_bucket, files, jvm_fs=fs)
-    after_puts = plain_requests(spark)
+    after_puts = etl.plain_requests(spark)
     assert after_puts["puts"] - before["puts"] == len(files)
     client = s3.client()
     for path, key in files:  # as signed, under its own name, whole (the ETag checked by the upload too)
@@ -627,7 +616,7 @@ def test_small_objects_go_up_and_come_back_as_plain_requests_whatever_their_name
         finally:
             stream.close()
         assert data == Path(path).read_bytes()
-    after = plain_requests(spark)
+    after = etl.plain_requests(spark)
     assert after["gets"] - after_puts["gets"] == 20
     assert after["failures"] == before["failures"]
     # Switched off for a bucket: the same uploads go through the SDK, and the objects come out alike.
@@ -635,24 +624,28 @@ def test_small_objects_go_up_and_come_back_as_plain_requests_whatever_their_name
     client.create_bucket(Bucket=other)
     spark._jsc.hadoopConfiguration().set(f"fs.s3a.bucket.{other}.sparkify.plain-requests", "false")
     etl.upload_files(client, other, files, jvm_fs=etl.jvm_s3a(spark, f"s3a://{other}/plain"))
-    assert plain_requests(spark) == after
+    assert etl.plain_requests(spark) == after
     for _, key in files:
         plain, sdk = (client.head_object(Bucket=b, Key=key) for b in (sample_bucket, other))
         assert [plain[k] for k in ("ContentType", "ContentLength", "ETag")] == \
                [sdk[k] for k in ("ContentType", "ContentLength", "ETag")]
 
 
-def test_a_run_through_s3_refusing_a_fifth_of_first_tries_gives_the_same_tables(spark, s3, sample_bucket,
-                                                                                tmp_path):
+def run_through_proxy(s3, bucket, prefix, **proxy_options) -> list:
+    """The CLI run from s3a://bucket/input to prefix through a FlakyS3 proxy; the requests it saw."""
     from s3server import FlakyS3
 
-    out = f"s3a://{sample_bucket}/flaky"
-    # (a fifth: plain requests stop after 8 failures in a row, 0.2^8 per window of 8)
-    with FlakyS3(s3.endpoint, every=5) as proxy:
-        r = tool("etl.py", "--input", f"s3a://{sample_bucket}/input", "--output", out,
+    with FlakyS3(s3.endpoint, **proxy_options) as proxy:
+        r = tool("etl.py", "--input", f"s3a://{bucket}/input", "--output", f"s3a://{bucket}/{prefix}",
                  env_extra=dict(s3.env(), S3_ENDPOINT_URL=proxy.endpoint))
     assert r.returncode == 0, r.stderr
-    seen = proxy.requests
+    return proxy.requests
+
+
+def test_a_run_through_s3_refusing_a_fifth_of_first_tries_gives_the_same_tables(spark, s3, sample_bucket,
+                                                                                sample_lake):
+    # (a fifth: plain requests stop after 8 failures in a row, 0.2^8 per window of 8)
+    seen = run_through_proxy(s3, sample_bucket, "flaky", every=5)
     refused = [(m, p, sig) for m, p, no, sig in seen if no]
     plain = [(m, p) for m, p, _, sig in seen if sig == "UNSIGNED-PAYLOAD"]
     # The uploads and the reads of small objects went out as plain requests; some of each were
@@ -662,31 +655,21 @@ def test_a_run_through_s3_refusing_a_fifth_of_first_tries_gives_the_same_tables(
     assert [m for m, _, sig in refused if sig != "UNSIGNED-PAYLOAD"]  # s3a's and boto3's own requests too
     passed = {(m, p) for m, p, no, _ in seen if not no}
     assert [(m, p) for m, p, _ in refused if (m, p) not in passed] == []
-    local = tmp_path / "local"
-    assert etl.run(etl.load_config(["--input", SAMPLE, "--output", str(local)], environ={}), spark) == 0
     etl.configure_s3a(spark, s3_cfg(s3, sample_bucket, "flaky"))
-    assert table_rows(spark, out) == table_rows(spark, local)
+    assert table_rows(spark, f"s3a://{sample_bucket}/flaky") == table_rows(spark, sample_lake)
 
 
-def test_a_server_refusing_unsigned_payloads_gets_the_run_through_the_sdk(spark, s3, sample_bucket, tmp_path):
-    from s3server import FlakyS3
-
-    out = f"s3a://{sample_bucket}/signed-only"
-    with FlakyS3(s3.endpoint, every=0, refuse_unsigned=True) as proxy:
-        r = tool("etl.py", "--input", f"s3a://{sample_bucket}/input", "--output", out,
-                 env_extra=dict(s3.env(), S3_ENDPOINT_URL=proxy.endpoint))
-    assert r.returncode == 0, r.stderr
-    plain = [m for m, _, _, sig in proxy.requests if sig == "UNSIGNED-PAYLOAD"]
-    sdk_puts = [p for m, p, no, sig in proxy.requests if m == "PUT" and sig != "UNSIGNED-PAYLOAD" and not no]
+def test_a_server_refusing_unsigned_payloads_gets_the_run_through_the_sdk(spark, s3, sample_bucket, sample_lake):
+    seen = run_through_proxy(s3, sample_bucket, "signed-only", every=0, refuse_unsigned=True)
+    plain = [m for m, _, _, sig in seen if sig == "UNSIGNED-PAYLOAD"]
+    sdk_puts = [p for m, p, no, sig in seen if m == "PUT" and sig != "UNSIGNED-PAYLOAD" and not no]
     # After 8 refusals in a row no new plain request starts: at most those 8 and the ones already
     # under way in the 32 fetch-ahead threads were sent; every upload went through the SDK.
     assert 8 <= len(plain) <= 8 + 32 and "PUT" not in plain
     manifest = json.loads(s3.client().get_object(Bucket=sample_bucket, Key="signed-only/_manifest.json")["Body"].read())
     assert len(sdk_puts) > sum(len(t["files"]) for t in manifest["tables"].values()) > 69
-    local = tmp_path / "local"
-    assert etl.run(etl.load_config(["--input", SAMPLE, "--output", str(local)], environ={}), spark) == 0
     etl.configure_s3a(spark, s3_cfg(s3, sample_bucket, "signed-only"))
-    assert table_rows(spark, out) == table_rows(spark, local)
+    assert table_rows(spark, f"s3a://{sample_bucket}/signed-only") == table_rows(spark, sample_lake)
 
 
 # ---- over HTTPS, S3's own scheme: a second server, with a self-signed certificate
@@ -726,15 +709,13 @@ def plain_requests_logged(stderr):
     return dict(zip(("puts", "gets", "failures"), map(int, m.groups())))
 
 
-def test_over_https_small_requests_go_plain_and_sse_c_goes_through_s3a(s3_tls, tmp_path):
+def test_over_https_small_requests_go_plain_and_sse_c_goes_through_s3a(s3_tls, sample_lake, tmp_path):
     env = tls_env(s3_tls, str(tmp_path))
     client = s3_tls.client()
     data, lake = bucket_name("tls-in"), bucket_name("tls-ssec")
     for name in (data, lake):
         client.create_bucket(Bucket=name)
     create_s3.upload_tree(client, SAMPLE, data, "input")
-    local = tmp_path / "local"
-    assert tool("etl.py", "--input", SAMPLE, "--output", str(local)).returncode == 0
     # Plain requests over TLS, signed for the HTTPS endpoint: every upload and read, none failed.
     r = tool("etl.py", "--input", f"s3a://{data}/input", "--output", f"s3a://{data}/lake", "--log-level", "DEBUG",
              env_extra=env)
@@ -743,7 +724,7 @@ def test_over_https_small_requests_go_plain_and_sse_c_goes_through_s3a(s3_tls, t
     manifest = json.loads(client.get_object(Bucket=data, Key="lake/_manifest.json")["Body"].read())
     files = sum(len(t["files"]) for t in manifest["tables"].values())
     assert plain["puts"] >= files > 69 and plain["gets"] >= 101 and plain["failures"] == 0
-    assert {n: t["rows"] for n, t in manifest["tables"].items()} == manifest_rows(str(local))
+    assert {n: t["rows"] for n, t in manifest["tables"].items()} == manifest_rows(sample_lake)
     # SSE-C on the output bucket, set as a user sets it: s3a's requests carry the customer key
     # (the SDK sends it over HTTPS only), so nothing goes plain; the rerun reads the manifest back.
     key = base64.b64encode(os.urandom(32)).decode()
@@ -760,7 +741,7 @@ def test_over_https_small_requests_go_plain_and_sse_c_goes_through_s3a(s3_tls, t
     sse = {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": base64.b64decode(key)}
     ssec_manifest = json.loads(client.get_object(Bucket=lake, Key="lake/_manifest.json", **sse)["Body"].read())
     assert published_keys(ssec_manifest, "lake") <= set(keys)
-    assert {n: t["rows"] for n, t in ssec_manifest["tables"].items()} == manifest_rows(str(local))
+    assert {n: t["rows"] for n, t in ssec_manifest["tables"].items()} == manifest_rows(sample_lake)
     for k in keys:  # refused without the key, served with it
         with pytest.raises(client.exceptions.ClientError):
             client.head_object(Bucket=lake, Key=k)
