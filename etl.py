@@ -2614,7 +2614,36 @@ def plan_bytes(df) -> int:
 
 
 def keep_df(keep: list, df):
+    """df (just persisted) added to keep, to unpersist at the end of the run; returns it as a
+    DataFrame over its cache alone (see cached_leaf)."""
     keep.append(df)
+    return cached_leaf(df)
+
+
+def cached_leaf(df):
+    """A persisted DataFrame as a new DataFrame whose plan is the cache itself, not the lineage
+    that fills it.  Spark analyzes the whole logical plan under every DataFrame a job builds (a
+    select, a union, a write), lineage included, although execution reads the cache: building the
+    checks' query on the lineage took twice as long.  Same data, same cache (computed once,
+    shared).  df itself where that cannot be had: without Spark's internal Dataset.ofRows (3.5:
+    sql.Dataset, 4.x: sql.classic.Dataset; not on Spark Connect), or for a sorted cache."""
+    from pyspark.sql import DataFrame
+
+    try:
+        jdf = df._jdf
+        plan = jdf.queryExecution().withCachedData()
+        # With an output ordering Spark 3.5 cannot use the relation twice in a plan (its copy for
+        # a self-join keeps the ordering's old attributes); the job's tables have none.
+        if plan.getClass().getSimpleName() != "InMemoryRelation" or not plan.outputOrdering().isEmpty():
+            return df
+        sql = df.sparkSession._jvm.org.apache.spark.sql
+        for cls in (sql.classic.Dataset, sql.Dataset):
+            try:
+                return DataFrame(cls.ofRows(jdf.sparkSession(), plan), df.sparkSession)
+            except Exception:  # not this Spark's class
+                continue
+    except Exception as e:  # an optimization only
+        log.debug("persisted DataFrame kept with its lineage: %s", e)
     return df
 
 
