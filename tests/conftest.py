@@ -153,27 +153,32 @@ def s3(tmp_path_factory):
 
 
 YARN_KEYS_AFTER_A_RUN = """
-import sys
+import os, sys
 sys.path.insert(0, sys.argv[1])
 import etl
 cfg = etl.load_config(["--input", sys.argv[2], "--output", sys.argv[3]])
 spark = etl.build_spark(cfg)
 assert etl.run(cfg, spark) == 0
 conf = spark._jsc.hadoopConfiguration()
-print(conf.get("fs.file.impl"), conf.getValByRegex("^yarn[.]").size(), conf.getValByRegex("^mapreduce[.]").size())
+from pyspark import SparkFiles
+root = SparkFiles.getRootDirectory()
+copied = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
+print(conf.get("fs.file.impl"), conf.getValByRegex("^yarn[.]").size(), conf.getValByRegex("^mapreduce[.]").size(),
+      copied)
 etl.stop_spark(spark)
 """
 
 
 def hadoop_keys_after_a_run(inp: str, out: str, env_extra: dict | None = None) -> tuple:
     """A whole run in a JVM of the job's own (as python etl.py starts it): its Hadoop configuration's
-    fs.file.impl and how many yarn.* and mapreduce.* keys it holds at the end."""
+    fs.file.impl, how many yarn.* and mapreduce.* keys it holds at the end, and how many bytes
+    Spark copied into its folder of added files and jars."""
     r = subprocess.run([sys.executable, "-c", YARN_KEYS_AFTER_A_RUN, ROOT, inp, out],
                        env=dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", **(env_extra or {})),
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr
-    impl, yarn, mapreduce = r.stdout.strip().splitlines()[-1].split()
-    return impl, int(yarn), int(mapreduce)
+    impl, yarn, mapreduce, copied = r.stdout.strip().splitlines()[-1].split()
+    return impl, int(yarn), int(mapreduce), int(copied)
 
 
 @pytest.fixture(scope="session")

@@ -140,7 +140,7 @@ def test_fast_local_file_system_is_used_and_sets_ordinary_permissions(spark, sam
 def test_yarn_settings_stay_out_of_the_hadoop_configuration_after_a_run(tmp_path):
     # A JVM of the job's own (the way python etl.py starts it): the run loads the HDFS and file
     # system classes, whose default resources would reload every key removed before them.
-    impl, yarn, mapreduce = hadoop_keys_after_a_run(SAMPLE, str(tmp_path / "out"))
+    impl, yarn, mapreduce, _ = hadoop_keys_after_a_run(SAMPLE, str(tmp_path / "out"))
     assert (impl, yarn) == (etl.FAST_LOCAL_FS, 0)
     assert mapreduce > 100  # the rest stays
 
