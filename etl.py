@@ -983,17 +983,17 @@ public class SparkifyS3AFileSystem extends S3AFileSystem {
   /** Fetch these objects (one s3a URI per line) with `threads` concurrent GETs, in the
    *  background, for the read that follows: a Spark task reads its files one after the other, so
    *  with few cores only that many requests would be in flight.  At most PREFETCH_CAP bytes wait
-   *  unread; past that, and for large objects, the read fetches for itself. */
+   *  unread; past that, and for large objects, the read fetches for itself.  Returns how many
+   *  objects it started fetching (those fetched ahead already are not fetched again). */
   public int prefetch(String listing, int threads) throws Exception {
-    ExecutorService pool = Executors.newFixedThreadPool(threads, r -> {
-      Thread t = new Thread(r, "sparkify-prefetch");
-      t.setDaemon(true);
-      return t;
-    });
-    int n = 0;
+    String base = "s3a://" + getBucket() + "/";
+    List<String> keys = new ArrayList<>();
     for (String line : listing.split("\n")) {
       if (line.isEmpty()) {
         continue;
+      }
+      if (line.startsWith(base) && PREFETCHED.containsKey(getBucket() + "/" + line.substring(base.length()))) {
+        continue;  // fetched ahead already (from the listing): no need to parse its name
       }
       Path q;
       try {
@@ -1001,28 +1001,42 @@ public class SparkifyS3AFileSystem extends S3AFileSystem {
       } catch (java.net.URISyntaxException e) {
         continue;  // not fetched ahead: the read fetches it itself
       }
-      if (!getBucket().equals(q.toUri().getHost())) {
-        continue;
+      if (getBucket().equals(q.toUri().getHost())) {
+        keys.add(pathToKey(q));
       }
-      String key = pathToKey(q);
-      PREFETCHED.computeIfAbsent(getBucket() + "/" + key, k -> CompletableFuture.supplyAsync(() -> {
-        if (PREFETCHED_BYTES.get() > PREFETCH_CAP) {
-          return null;
-        }
-        try {
-          byte[] data = fetchSmall(key);
-          if (data != null) {
-            PREFETCHED_BYTES.addAndGet(data.length);
+    }
+    return prefetchKeys(keys, threads);
+  }
+
+  /** Fetch these keys ahead, as prefetch does; returns how many were not fetched ahead yet. */
+  int prefetchKeys(List<String> keys, int threads) {
+    ExecutorService pool = Executors.newFixedThreadPool(threads, r -> {
+      Thread t = new Thread(r, "sparkify-prefetch");
+      t.setDaemon(true);
+      return t;
+    });
+    int[] added = {0};
+    for (String key : keys) {
+      PREFETCHED.computeIfAbsent(getBucket() + "/" + key, k -> {
+        added[0]++;
+        return CompletableFuture.supplyAsync(() -> {
+          if (PREFETCHED_BYTES.get() > PREFETCH_CAP) {
+            return null;
           }
-          return data;
-        } catch (IOException e) {
-          return null;
-        }
-      }, pool));
-      n++;
+          try {
+            byte[] data = fetchSmall(key);
+            if (data != null) {
+              PREFETCHED_BYTES.addAndGet(data.length);
+            }
+            return data;
+          } catch (IOException e) {
+            return null;
+          }
+        }, pool);
+      });
     }
     pool.shutdown();  // its threads end when the queue is done
-    return n;
+    return added[0];
   }
 
   // Directory listings made ahead by one flat listing of a tree, by bucket/key/; each is handed
@@ -1086,7 +1100,7 @@ public class SparkifyS3AFileSystem extends S3AFileSystem {
   public int prefetchListed(String dir, String suffix, int threads) throws Exception {
     String root = pathToKey(makeQualified(new Path(dir)));
     String prefix = getBucket() + "/" + (root.isEmpty() ? "" : root + "/");
-    StringBuilder listing = new StringBuilder();
+    List<String> keys = new ArrayList<>();
     for (Map.Entry<String, FileStatus[]> e : LISTED.entrySet()) {
       if (!e.getKey().startsWith(prefix) || hidden(e.getKey().substring(prefix.length()))) {
         continue;
@@ -1094,11 +1108,11 @@ public class SparkifyS3AFileSystem extends S3AFileSystem {
       for (FileStatus st : e.getValue()) {
         String name = st.getPath().getName();
         if (st.isFile() && name.endsWith(suffix) && !hidden(name)) {
-          listing.append(st.getPath().toUri().toString()).append('\n');
+          keys.add(pathToKey(st.getPath()));
         }
       }
     }
-    return prefetch(listing.toString(), threads);
+    return prefetchKeys(keys, threads);
   }
 
   static boolean hidden(String relative) {

@@ -530,14 +530,18 @@ def test_a_listed_tree_s_json_objects_are_fetched_ahead_without_what_spark_skips
     etl.configure_s3a(spark, s3_cfg(s3, sample_bucket, "ahead"))
     fs = etl.jvm_s3a(spark, f"s3a://{sample_bucket}/ahead")
     root = f"s3a://{sample_bucket}/ahead"
+    reader = spark.read.schema("i INT").option("recursiveFileLookup", "true").option("pathGlobFilter", "*.json")
     try:
         assert fs.listTree(root) == len(shown) + len(skipped)
         assert fs.prefetchListed(root, ".json", 8) == len(shown)
         assert fs.prefetchedWaiting() == len(shown)
+        df = reader.json(root)
+        # the same objects under Spark's names for them (a space as %20): none is fetched again
+        assert len(df.inputFiles()) == len(shown)
+        assert fs.prefetch("\n".join(df.inputFiles()), 8) == 0
     finally:
         fs.clearListed()
-    reader = spark.read.schema("i INT").option("recursiveFileLookup", "true").option("pathGlobFilter", "*.json")
-    assert sorted(r.i for r in reader.json(root).collect()) == list(range(30))
+    assert sorted(r.i for r in df.collect()) == list(range(30))
     assert fs.prefetchedWaiting() == 0  # Spark's read took every object fetched ahead
 
 
