@@ -57,6 +57,8 @@ PARTITIONS = {
 # Tables whose partitions an incremental (--months) run replaces one by one.
 MONTHLY_TABLES = ("songplays", "time")
 CORRUPT = "_corrupt_record"
+# _rejects/ is JSON lines with these fields (split_tagged).
+REJECT_SCHEMA = "input string, file string, reason string, line string"
 # Largest epoch-millisecond value Spark's timestamp type holds comfortably (year 9999).
 MAX_TS_MS = 253402300799999
 
@@ -2791,6 +2793,9 @@ def run(cfg: Config, spark) -> int:
             if not any(r["rejected"] for r in x.rejects.values()):
                 # Known empty: written without a scan of the inputs (M: a 3-4 s job).
                 rejects = rejects.limit(0)
+            if cfg.months:  # the other months' rejects stay
+                earlier = earlier_rejects(spark, storage, cfg.output, x.log_files)
+                rejects = rejects if earlier is None else rejects.unionByName(earlier)
             extra = {"_state/users": ustate, "_rejects": rejects}
             songs_in, logs_in = x.rejects["song_data"]["records"], x.rejects["log_data"]["records"]
             bounds = {"songplays": logs_in, "time": logs_in, "users": logs_in, "songs": songs_in,
@@ -2816,6 +2821,27 @@ def run(cfg: Config, spark) -> int:
             df.unpersist()
         if lock:
             storage.delete(lock)
+
+
+def earlier_rejects(spark, storage: Storage, output: str, log_files: Sequence[str]):
+    """The rejects an incremental run keeps from the output's _rejects/: log_data records from
+    files this run did not read (other months), so that running month by month leaves the same
+    rejects as one full run.  song_data is read whole by every run: its rejects are replaced.
+    None when the output has no rejects yet."""
+    from pyspark.sql import functions as F
+
+    path = f"{output}/_rejects"
+    if not storage.exists(path):
+        return None
+    # Spark names a local file file:/x in _metadata.file_path but file:///x in inputFiles().
+    def same_form(c):
+        return F.regexp_replace(c, "^file:///", "file:/")
+
+    read = (spark.createDataFrame([(f,) for f in log_files], "file string")
+            .select(same_form(F.col("file")).alias("_read")))
+    old = spark.read.schema(REJECT_SCHEMA).json(path)
+    return (old.filter(F.col("input") == "log_data")
+            .join(F.broadcast(read), same_form(old["file"]) == F.col("_read"), "left_anti"))
 
 
 def shuffle_partitions(records: int, parallelism: int) -> int:

@@ -245,6 +245,40 @@ def test_month_by_month_equals_one_full_run(spark, two_months, tmp_path, capsys)
 
 
 
+def rejects_of(out):
+    return sorted(tuple(json.loads(ln)[k] for k in ("input", "file", "reason", "line"))
+                  for f in (out / "_rejects").glob("*.json") for ln in f.read_text().splitlines())
+
+
+def test_month_by_month_keeps_every_months_rejects(spark, two_months, tmp_path):
+    """An incremental run replaces the rejects of the files it read, not those of other months."""
+    inp = tmp_path / "in"
+    shutil.copytree(two_months, inp)
+    nov = inp / "log_data" / "2018" / "11" / "2018-11-01-events.json"
+    nov.write_text(nov.read_text() + '{"artist": "Pavement", "auth": "Logg\n')
+    # February 2019: December's first file 62 days later, and a line of the wrong type.
+    dec = (inp / "log_data" / "2018" / "12" / "2018-12-16-events.json").read_text().splitlines()
+    events = [json.loads(ln) for ln in dec]
+    for e in events:
+        e["ts"] += 62 * 86_400_000
+    feb = inp / "log_data" / "2019" / "02"
+    feb.mkdir(parents=True)
+    (feb / "2019-02-16-events.json").write_text(
+        "".join(json.dumps(e) + "\n" for e in events) + '{"ts": "yesterday", "page": "NextSong"}\n')
+    full, inc = tmp_path / "full", tmp_path / "inc"
+    assert run_job(spark, inp, full) == 0
+    expected = rejects_of(full)
+    assert [(r[0], os.path.basename(r[1])) for r in expected] == [
+        ("log_data", "2018-11-01-events.json"), ("log_data", "2019-02-16-events.json")]
+    for month in ("2018-11", "2018-12", "2019-02"):
+        assert run_job(spark, inp, inc, "--months", month) == 0
+    # February's run read no November file: November's reject is still there
+    assert rejects_of(inc) == expected
+    # and rerunning a month replaces its rejects instead of adding them again
+    assert run_job(spark, inp, inc, "--months", "2019-02") == 0
+    assert rejects_of(inc) == expected
+
+
 def test_rerunning_one_month_replaces_only_that_month(spark, two_months, tmp_path):
     out = tmp_path / "lake"
     assert run_job(spark, two_months, out) == 0
