@@ -319,7 +319,8 @@ def main(argv: Sequence[str] | None = None, spark=None, out=None) -> int:
         return etl.EXIT_USAGE
     finally:
         if own and spark is not None:
-            etl.stop_spark(spark, quiet=True)  # its stderr carries no log lines
+            # its stderr carries no log lines; its JVM loads too few of the job's classes for the archive
+            etl.stop_spark(spark, quiet=True, keep_archive=False)
 
 
 if __name__ == "__main__":

@@ -816,6 +816,22 @@ def class_archive_options(archive: str | None) -> tuple:
     return [*CDS_QUIET, f"-XX:ArchiveClassesAtExit={tmp}"], tmp
 
 
+def drop_class_archive(tmp: str) -> None:
+    """End the JVM without the class archive it would write as it exits (it is killed: its
+    session is already stopped)."""
+    from pyspark import SparkContext
+
+    proc = getattr(SparkContext._gateway, "proc", None)
+    try:
+        if proc is not None:
+            proc.kill()
+            proc.wait(timeout=60)
+    except Exception as e:  # it ends with this process anyway
+        log.debug("JVM not ended: %s", e)
+    with contextlib.suppress(OSError):
+        os.remove(tmp)
+
+
 def finish_class_archive(archive: str, tmp: str, quiet: bool = False) -> None:
     """After a run that writes the class archive: end the JVM now (it writes the archive as it
     exits) and keep the archive if the JVM wrote it and exited cleanly."""
@@ -1784,13 +1800,18 @@ def memory_gb(text: str) -> float:
     return float(m.group(1)) * {"k": 2**-20, "m": 2**-10, "g": 1, "t": 2**10, "": 2**-30}[m.group(2)]
 
 
-def stop_spark(spark, quiet: bool = False) -> None:
-    """Stop a session build_spark made; after the run that writes the class archive, also end the
-    JVM so that the archive is complete before it is used (quiet: without saying so)."""
+def stop_spark(spark, quiet: bool = False, keep_archive: bool = True) -> None:
+    """Stop a session build_spark made; when its JVM is to write the class archive, also end the
+    JVM so that the archive is complete before it is used (quiet: without saying so).
+    keep_archive=False (a failed run, a dry run, a session that ran less than the job): the JVM
+    is ended without writing it, so that a later whole run writes one with all the job's
+    classes (an archive only holds the classes its run loaded)."""
     spark.stop()
     archive, writing = getattr(spark, "_sparkify_archive", (None, None))
-    if writing:
+    if writing and keep_archive:
         finish_class_archive(archive, writing, quiet)
+    elif writing:
+        drop_class_archive(writing)
 
 
 class Storage:
@@ -3226,6 +3247,7 @@ def main(argv: Sequence[str] | None = None, spark=None) -> int:
         return EXIT_USAGE
     setup_logging(cfg.log_level)
     own = spark is None
+    whole = False  # the JVM ran the whole job: its classes make the class archive
     try:
         if cfg.get_s3a_jars:
             get_s3a_jars()
@@ -3233,7 +3255,9 @@ def main(argv: Sequence[str] | None = None, spark=None) -> int:
         preflight(cfg)
         if own:
             spark = build_spark(cfg)
-        return run(cfg, spark)
+        code = run(cfg, spark)
+        whole = code == EXIT_OK and not cfg.dry_run
+        return code
     except UsageError as e:
         print(f"etl.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -3246,7 +3270,7 @@ def main(argv: Sequence[str] | None = None, spark=None) -> int:
         return EXIT_USAGE
     finally:
         if own and spark is not None:
-            stop_spark(spark)
+            stop_spark(spark, keep_archive=whole)
 
 
 def preflight(cfg: Config) -> None:

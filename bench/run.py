@@ -37,7 +37,7 @@ cfg = etl.load_config(["--input", sys.argv[1]])
 spark = etl.build_spark(cfg)
 for name, schema in (("song_data", etl.song_schema()), ("log_data", etl.log_schema())):
     etl.read_json(spark, [os.path.join(sys.argv[1], name)], schema).count()
-etl.stop_spark(spark)
+etl.stop_spark(spark, keep_archive=False)  # the class archive is etl.py's to write
 """
 
 

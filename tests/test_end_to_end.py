@@ -285,6 +285,16 @@ def test_full_catalogue(spark, full_input, tmp_path):
 
 def test_class_archive_written_once_then_mapped_and_a_damaged_one_is_replaced(tmp_path):
     env = {"SPARKIFY_JARS_DIR": str(tmp_path / "cache" / "jars")}
+    # A dry run and a failed run load only part of the job's classes: neither writes the archive,
+    # which would then serve every later run.
+    empty = tmp_path / "empty"
+    for name in ("song_data", "log_data"):
+        (empty / name).mkdir(parents=True)
+    for args, code in ((["--dry-run"], 0), (["--input", str(empty)], 2)):
+        r = cli(*args, "--output", str(tmp_path / "o0"), **env)
+        assert r.returncode == code, r.stderr
+        assert "saving the JVM's classes" not in r.stderr
+        assert not glob.glob(str(tmp_path / "cache" / "jvm-classes-*")), os.listdir(tmp_path / "cache")
     first = cli("--output", str(tmp_path / "o1"), **env)
     assert first.returncode == 0, first.stderr
     assert "saving the JVM's classes" in first.stderr
@@ -329,7 +339,7 @@ def test_job_log_drops_only_the_duplicate_block_warning(tmp_path):
         "'org.apache.spark.storage.BlockManager')\n"
         "logger.warn('Block rdd_162_0 already exists on this machine; not re-adding it')\n"
         "logger.warn('Putting block rdd_7_0 failed')\n"
-        "etl.stop_spark(spark)\n")
+        "etl.stop_spark(spark, keep_archive=False)\n")
     env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                        check=False)
