@@ -375,10 +375,45 @@ def s3a_jar_settings() -> dict:
     return {"spark.jars": ",".join(jars)}
 
 
+# s3a settings that hadoop-aws 3.3 reads as plain numbers (in these units, seconds), where Hadoop
+# 3.4 and later (pyspark 4) default them to durations like "60s": the 3.3 connector that
+# --get-s3a-jars fetches would fail to start on them ('For input string: "60s"').  Hadoop 3.4's
+# s3a reads a plain number in the same unit, so the numbers mean the same to both.
+S3A_PLAIN_DURATIONS = {"connection.establish.timeout": 0.001, "connection.timeout": 0.001,
+                       "threads.keepalivetime": 1, "multipart.purge.age": 1}
+DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def plain_s3a_durations(conf) -> dict:
+    """Rewrite the S3A_PLAIN_DURATIONS keys (global and per bucket) that hold a duration with a
+    unit as a plain number; returns what was rewritten."""
+    names = "|".join(re.escape(k) for k in S3A_PLAIN_DURATIONS)
+    keys = [f"fs.s3a.{k}" for k in S3A_PLAIN_DURATIONS]
+    keys += sorted(str(k) for k in conf.getValByRegex(rf"^fs\.s3a\.bucket\.[^.]+\.({names})$"))
+    done = {}
+    for key in keys:
+        m = re.fullmatch(r"\s*(\d+)\s*(ns|us|ms|s|m|h|d)\s*", conf.get(key) or "")
+        if m:
+            unit = next(u for k, u in S3A_PLAIN_DURATIONS.items() if key.endswith("." + k))
+            done[key] = str(round(int(m.group(1)) * DURATION_UNITS[m.group(2)] / unit))
+            conf.set(key, done[key])
+    return done
+
+
+def hadoop_aws_33(spark) -> bool:
+    """Whether the s3a connector on the session's class path is the hadoop-aws 3.3 jar the job
+    fetches (not Spark's own Hadoop version's, nor EMR's)."""
+    sc = spark.sparkContext.getConf()
+    paths = sc.get("spark.jars", "") + "," + sc.get("spark.driver.extraClassPath", "")
+    return bool(re.search(r"hadoop-aws-3\.3\.[0-9]+\.jar", paths))
+
+
 def configure_s3a(spark, cfg: Config) -> None:
     """s3a settings for this run, set on the live Hadoop configuration: keys never enter SparkConf,
     the environment, a log line or the manifest."""
     conf = spark._jsc.hadoopConfiguration()
+    if hadoop_aws_33(spark):
+        plain_s3a_durations(conf)
     conf.set("fs.s3a.aws.credentials.provider", S3A_PROVIDERS)
     conf.set("fs.s3a.attempts.maximum", "3")
     conf.set("fs.s3a.retry.limit", "3")

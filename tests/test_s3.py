@@ -427,6 +427,23 @@ def test_cli_refuses_client_side_encryption_in_one_line_and_writes_nothing(s3, s
     assert objects(s3, name, "lake") == {}
 
 
+def test_durations_hadoop_aws_3_3_cannot_read_become_plain_numbers(spark):
+    """Hadoop 3.4+ (pyspark 4) defaults some s3a settings to durations like "60s", which the
+    hadoop-aws 3.3 jar the job fetches reads as numbers, failing to start."""
+    assert etl.hadoop_aws_33(spark)  # the session's s3a jars are the fetched ones
+    conf = spark._jvm.org.apache.hadoop.conf.Configuration(False)
+    for key, value in {"fs.s3a.threads.keepalivetime": "60s", "fs.s3a.connection.timeout": "200s",
+                       "fs.s3a.connection.establish.timeout": "5000", "fs.s3a.multipart.purge.age": "24h",
+                       "fs.s3a.bucket.logs.connection.timeout": "2m", "fs.s3a.retry.interval": "500ms"}.items():
+        conf.set(key, value)
+    assert etl.plain_s3a_durations(conf) == {
+        "fs.s3a.threads.keepalivetime": "60", "fs.s3a.connection.timeout": "200000",
+        "fs.s3a.multipart.purge.age": "86400", "fs.s3a.bucket.logs.connection.timeout": "120000"}
+    assert conf.get("fs.s3a.connection.timeout") == "200000"
+    assert conf.get("fs.s3a.connection.establish.timeout") == "5000"  # already a number
+    assert conf.get("fs.s3a.retry.interval") == "500ms"  # 3.3 reads this one as a duration
+
+
 def test_canned_acl_names_are_s3_s_header_values(spark):
     sdk = spark._jvm.com.amazonaws.services.s3.model.CannedAccessControlList
     for value in sdk.values():
