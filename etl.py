@@ -1732,8 +1732,8 @@ def small_input(cfg: Config, limit: int = SMALL_INPUT_BYTES, max_files: int = 50
 
 def local_driver_memory() -> str:
     """$SPARKIFY_DRIVER_MEMORY, or half the machine's memory between 1g and 16g."""
-    if os.environ.get("SPARKIFY_DRIVER_MEMORY"):
-        return os.environ["SPARKIFY_DRIVER_MEMORY"]
+    if os.environ.get("SPARKIFY_DRIVER_MEMORY"):  # checked by preflight
+        return os.environ["SPARKIFY_DRIVER_MEMORY"].strip()
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -1813,11 +1813,15 @@ def build_spark(cfg: Config, app_name: str = "sparkify-etl"):
                 log.debug("the JVM did not start while set to write its class archive; retrying without")
             else:
                 log.warning("the JVM did not start with its class archive %s; starting without it", archive)
-            for path in (archive, archive + ".size", writing):
-                with contextlib.suppress(OSError, TypeError):
-                    os.remove(path)
+            with contextlib.suppress(OSError, TypeError):
+                os.remove(writing)
             spark = builder.config("spark.driver.extraJavaOptions", " ".join(java_opts)).getOrCreate()
             writing = None
+            # It starts without: the archive was the cause (a JVM that does not start either way
+            # raised above, and the archive stays)
+            for path in (archive, archive + ".size"):
+                with contextlib.suppress(OSError):
+                    os.remove(path)
         spark._sparkify_archive = (archive, writing)
         if fast_fs:
             drop_unused_hadoop_keys(spark)
@@ -3310,6 +3314,10 @@ def main(argv: Sequence[str] | None = None, spark=None) -> int:
 
 def preflight(cfg: Config) -> None:
     """Fail fast, before the JVM starts, on what can be checked without Spark."""
+    memory = os.environ.get("SPARKIFY_DRIVER_MEMORY", "")
+    if memory and not re.fullmatch(r"[1-9][0-9]*[kmgt]?", memory.strip().lower()):
+        raise UsageError(f"SPARKIFY_DRIVER_MEMORY={memory} is not a memory size; set it like 4g or "
+                         "4096m, or unset it")
     if is_local_path(cfg.input):
         root = normalize_path(cfg.input)
         if not os.path.isdir(root):

@@ -235,6 +235,11 @@ def test_cli_bad_option_values_exit_2(tmp_path):
         r = cli(*args)
         assert r.returncode == 2, args
         assert r.stderr.strip().splitlines()[-1].startswith(("etl.py: error:", "usage:")), args
+    # and a memory size the JVM would refuse, before it starts
+    r = cli("--output", str(tmp_path / "o"), SPARKIFY_DRIVER_MEMORY="lots")
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("etl.py: error: SPARKIFY_DRIVER_MEMORY=lots is not a memory size; set it "
+                                "like 4g or 4096m, or unset it")
 
 
 # ---- the full song catalogue (14,896 files) with the sample logs
@@ -314,6 +319,12 @@ def test_class_archive_written_once_then_mapped_and_a_damaged_one_is_replaced(tm
     assert "org.apache.spark.sql.SparkSession source: shared objects file (top)" in loaded
     assert "org.apache.spark.sql.execution.datasources.parquet.ParquetFileFormat source: shared objects " \
            "file (top)" in loaded
+    # A JVM that does not start with the archive or without it (an option Java does not know):
+    # the run fails in one line, and the archive, which was not the cause, stays.
+    bad = cli("--output", str(tmp_path / "o2b"), JAVA_TOOL_OPTIONS="-XX:+NoSuchSparkifyOption", **env)
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.count("etl.py: error:") == 1, bad.stderr
+    assert os.path.exists(archive) and os.path.exists(archive + ".size")
     # A cut-off archive whose recorded size matches (the JVM crashes on it at start): the run
     # starts without it, succeeds, and drops it.
     with open(archive, "r+b") as f:
