@@ -2592,6 +2592,7 @@ def acquire_lock(storage: Storage, output: str, run_id: str, cfg: Config) -> str
         log.warning("taking over the lock of run %s (since %s)", held.get("run_id"), held.get("since"))
         storage.delete(lock)
     put_args, _ = s3a_object_args(storage, output)
+    taken = UsageError(f"{output} was locked by another run just now; try again later")
     try:
         if output.startswith("s3a://") and not on_emr():
             # S3's conditional PUT (If-None-Match) makes taking the lock atomic across machines.
@@ -2600,8 +2601,21 @@ def acquire_lock(storage: Storage, output: str, run_id: str, cfg: Config) -> str
                                       **put_args)
         else:
             storage.write_text(lock, json.dumps(info), overwrite=False)
-    except Exception:
-        raise UsageError(f"{output} was locked by another run just now; try again later") from None
+    except FileExistsError:
+        raise taken from None
+    except OSError as e:  # a local output that cannot be written
+        raise UsageError(f"cannot write to {output}: {e.strerror or e}; pass an --output you can "
+                         "write to") from None
+    except Exception as e:
+        response = getattr(e, "response", None) or {}
+        code = str(response.get("Error", {}).get("Code", ""))
+        if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+            raise taken from None
+        if response:  # S3 refused for another reason (access, bucket)
+            raise UsageError(describe_aws_error(e, split_s3(output)[0], cfg.endpoint_url)) from None
+        if "FileAlreadyExists" in str(e):  # Hadoop's file systems
+            raise taken from None
+        raise UsageError(f"cannot write to {output}: {describe_failure(e)}") from None
     return lock
 
 

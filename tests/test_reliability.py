@@ -315,6 +315,23 @@ def test_second_concurrent_run_is_refused(spark, tmp_path, capsys):
     assert not (out / "_lock.json").exists()
 
 
+def test_an_output_that_cannot_be_written_is_named_as_such_not_as_locked(spark, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    out = tmp_path / "a-file" / "lake"
+    assert main(spark, "--input", SAMPLE, "--output", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"etl.py: error: cannot write to {out}: Not a directory; pass an --output you can write to"
+    # while a lock taken between the check and the write is still reported as one
+    lock = tmp_path / "lake" / "_lock.json"
+    lock.parent.mkdir()
+    storage = etl.Storage(spark)
+    real_exists = storage.exists
+    storage.exists = lambda path: False if path.endswith("_lock.json") else real_exists(path)
+    lock.write_text("{}")
+    with pytest.raises(etl.UsageError, match="was locked by another run just now"):
+        etl.acquire_lock(storage, str(tmp_path / "lake"), "r1", etl.Config())
+
+
 def test_stale_lock_is_taken_over_with_force_or_when_its_process_is_gone(spark, tmp_path, capsys):
     out = tmp_path / "lake"
     out.mkdir()

@@ -190,6 +190,12 @@ def test_lock_on_s3_refuses_a_second_writer(spark, s3, sample_bucket, monkeypatc
     assert etl.main(args, spark=spark) == 2
     assert "locked by run other-run" in capsys.readouterr().err
     s3.client().head_object(Bucket=sample_bucket, Key="locked/_lock.json")  # still theirs
+    # A lock taken between the check and the conditional PUT is refused as one, not as an error
+    storage = etl.Storage(spark)
+    storage.exists = lambda path: False
+    with pytest.raises(etl.UsageError, match="was locked by another run just now"):
+        etl.acquire_lock(storage, f"s3a://{sample_bucket}/locked", "r2", s3_cfg(s3, sample_bucket, "locked"))
+    assert json.loads(s3.client().get_object(Bucket=sample_bucket, Key="locked/_lock.json")["Body"].read()) == held
 
 
 # ---- publishing to S3 by upload (local staging, parallel uploads, manifest, then deletes)
