@@ -3335,7 +3335,8 @@ def preflight(cfg: Config) -> None:
     if is_local_path(cfg.input):
         root = normalize_path(cfg.input)
         if not os.path.isdir(root):
-            raise UsageError(f"input path {root} does not exist; pass --input DIR holding "
+            what = "is a file, not a folder" if os.path.exists(root) else "does not exist"
+            raise UsageError(f"input path {root} {what}; pass --input DIR holding "
                              "song_data/ and log_data/")
         for name in ("song_data", "log_data"):
             if not os.path.isdir(os.path.join(root, name)):
@@ -3343,6 +3344,11 @@ def preflight(cfg: Config) -> None:
                                  "hold song_data/ and log_data/")
     if is_local_path(cfg.output) and os.path.isfile(normalize_path(cfg.output)):
         raise UsageError(f"output path {cfg.output} is a file; pass a directory")
+    if (is_s3_path(cfg.input) or is_s3_path(cfg.output)) and bool(cfg.access_key) != bool(cfg.secret_key):
+        has, lacks = (("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if cfg.access_key
+                      else ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"))
+        raise UsageError(f"config file {cfg.config_file} has {has} but no {lacks}; set both, or neither "
+                         "to use the AWS credential chain")
     if is_s3_path(cfg.input):
         s3_preflight(cfg, cfg.input, ("song_data", "log_data"))
     if is_s3_path(cfg.output) and not cfg.dry_run:

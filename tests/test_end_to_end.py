@@ -209,6 +209,11 @@ def test_cli_missing_input_exits_2_with_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0
     assert "/no/such/dir" in r.stderr and "does not exist" in r.stderr
+    # a file where the input folder should be
+    r = cli("--input", os.path.join(ROOT, "etl.py"), "--output", str(tmp_path / "o"))
+    assert r.returncode == 2
+    assert r.stderr.strip().endswith("etl.py is a file, not a folder; pass --input DIR holding song_data/ and "
+                                     "log_data/")
 
 
 def test_cli_input_without_json_files_exits_2(tmp_path):
@@ -235,6 +240,14 @@ def test_cli_bad_option_values_exit_2(tmp_path):
         r = cli(*args)
         assert r.returncode == 2, args
         assert r.stderr.strip().splitlines()[-1].startswith(("etl.py: error:", "usage:")), args
+    # a config file with half of a key pair, for S3 (the credential chain would not be used either)
+    half = tmp_path / "half.cfg"
+    half.write_text("[AWS]\nAWS_ACCESS_KEY_ID = AKIAEXAMPLE\n")
+    r = cli("--config", str(half), "--input", "s3a://bucket/in", "--output", str(tmp_path / "o"),
+            **{k: "" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"etl.py: error: config file {half} has AWS_ACCESS_KEY_ID but no "
+                                "AWS_SECRET_ACCESS_KEY; set both, or neither to use the AWS credential chain")
     # and a memory size the JVM would refuse, before it starts
     r = cli("--output", str(tmp_path / "o"), SPARKIFY_DRIVER_MEMORY="lots")
     assert r.returncode == 2
