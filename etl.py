@@ -1817,8 +1817,8 @@ def build_spark(cfg: Config, app_name: str = "sparkify-etl"):
                 os.remove(writing)
             spark = builder.config("spark.driver.extraJavaOptions", " ".join(java_opts)).getOrCreate()
             writing = None
-            # It starts without: the archive was the cause (a JVM that does not start either way
-            # raised above, and the archive stays)
+            # It started without the archive, so the archive was the cause (when the JVM starts
+            # neither way, the retry above raises and the archive stays)
             for path in (archive, archive + ".size"):
                 with contextlib.suppress(OSError):
                     os.remove(path)
