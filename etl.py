@@ -2831,6 +2831,9 @@ def run(cfg: Config, spark) -> int:
             recover_publish(spark, storage, cfg.output, cfg)
         x = extract(spark, storage, cfg, stages, keep, pool)
         check_reject_share(x, cfg.max_bad_fraction)
+        if cfg.months and not x.logs.take(1):  # else: three "not empty" checks failing, exit 1
+            raise UsageError(f"no log_data events in {', '.join(cfg.months)} under {cfg.input}; check "
+                             "--months (the input holds no events of those months)")
         records = sum(r["records"] for r in x.rejects.values())
         cores = spark.sparkContext.defaultParallelism
         parts = shuffle_partitions(records, cores)

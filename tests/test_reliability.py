@@ -279,6 +279,14 @@ def test_month_by_month_keeps_every_months_rejects(spark, two_months, tmp_path):
     assert rejects_of(inc) == expected
 
 
+def test_a_month_without_events_is_a_usage_error_and_writes_nothing(spark, two_months, tmp_path, capsys):
+    out = tmp_path / "lake"
+    assert main(spark, "--input", two_months, "--output", out, "--months", "2019-05") == 2
+    err = capsys.readouterr().err
+    assert f"no log_data events in 2019-05 under {two_months}; check --months" in err
+    assert not out.exists() or not any(p.name != "_lock.json" for p in out.iterdir())
+
+
 def test_rerunning_one_month_replaces_only_that_month(spark, two_months, tmp_path):
     out = tmp_path / "lake"
     assert run_job(spark, two_months, out) == 0
