@@ -377,8 +377,8 @@ def s3a_jar_settings() -> dict:
 
 # s3a settings that hadoop-aws 3.3 reads as plain numbers (in these units, seconds), where Hadoop
 # 3.4 and later (pyspark 4) default them to durations like "60s": the 3.3 connector that
-# --get-s3a-jars fetches would fail to start on them ('For input string: "60s"').  Hadoop 3.4's
-# s3a reads a plain number in the same unit, so the numbers mean the same to both.
+# --get-s3a-jars fetches would fail to start on them ('For input string: "60s"').  Rewritten
+# only when that connector is in use, as the numbers Hadoop 3.3's own defaults hold.
 S3A_PLAIN_DURATIONS = {"connection.establish.timeout": 0.001, "connection.timeout": 0.001,
                        "threads.keepalivetime": 1, "multipart.purge.age": 1}
 DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -851,39 +851,26 @@ def class_archive_options(archive: str | None) -> tuple:
     return [*CDS_QUIET, f"-XX:ArchiveClassesAtExit={tmp}"], tmp
 
 
-def drop_class_archive(tmp: str) -> None:
-    """End the JVM without the class archive it would write as it exits (it is killed: its
-    session is already stopped)."""
+def finish_class_archive(archive: str, tmp: str, quiet: bool = False, keep: bool = True) -> None:
+    """End the JVM of a run that writes the class archive (its session is stopped).  keep: let it
+    exit, writing the archive as it does, and keep the archive if the JVM wrote it and exited
+    cleanly; otherwise kill it, so that it writes none."""
     from pyspark import SparkContext
 
     proc = getattr(SparkContext._gateway, "proc", None)
     try:
-        if proc is not None:
+        if keep and proc is not None and proc.stdin is not None:
+            (log.debug if quiet else log.info)("saving the JVM's classes for faster starts (once)")
+            proc.stdin.close()  # the gateway JVM exits at the end of its input
+            code = proc.wait(timeout=120)
+            if code == 0 and os.path.isfile(tmp) and os.path.getsize(tmp) > 0:
+                with open(archive + ".size", "w") as f:
+                    f.write(str(os.path.getsize(tmp)))
+                os.replace(tmp, archive)
+                return
+        elif not keep and proc is not None:
             proc.kill()
             proc.wait(timeout=60)
-    except Exception as e:  # it ends with this process anyway
-        log.debug("JVM not ended: %s", e)
-    with contextlib.suppress(OSError):
-        os.remove(tmp)
-
-
-def finish_class_archive(archive: str, tmp: str, quiet: bool = False) -> None:
-    """After a run that writes the class archive: end the JVM now (it writes the archive as it
-    exits) and keep the archive if the JVM wrote it and exited cleanly."""
-    from pyspark import SparkContext
-
-    proc = getattr(SparkContext._gateway, "proc", None)
-    if proc is None or proc.stdin is None:
-        return
-    (log.debug if quiet else log.info)("saving the JVM's classes for faster starts (once)")
-    try:
-        proc.stdin.close()  # the gateway JVM exits at the end of its input
-        code = proc.wait(timeout=120)
-        if code == 0 and os.path.isfile(tmp) and os.path.getsize(tmp) > 0:
-            with open(archive + ".size", "w") as f:
-                f.write(str(os.path.getsize(tmp)))
-            os.replace(tmp, archive)
-            return
     except Exception as e:  # a faster start next time is all that is lost
         log.debug("class archive not saved: %s", e)
     with contextlib.suppress(OSError):
@@ -1847,10 +1834,8 @@ def stop_spark(spark, quiet: bool = False, keep_archive: bool = True) -> None:
     classes (an archive only holds the classes its run loaded)."""
     spark.stop()
     archive, writing = getattr(spark, "_sparkify_archive", (None, None))
-    if writing and keep_archive:
-        finish_class_archive(archive, writing, quiet)
-    elif writing:
-        drop_class_archive(writing)
+    if writing:
+        finish_class_archive(archive, writing, quiet, keep=keep_archive)
 
 
 class Storage:
@@ -2593,8 +2578,9 @@ def acquire_lock(storage: Storage, output: str, run_id: str, cfg: Config) -> str
         storage.delete(lock)
     put_args, _ = s3a_object_args(storage, output)
     taken = UsageError(f"{output} was locked by another run just now; try again later")
+    boto = output.startswith("s3a://") and not on_emr()
     try:
-        if output.startswith("s3a://") and not on_emr():
+        if boto:
             # S3's conditional PUT (If-None-Match) makes taking the lock atomic across machines.
             bucket, key = split_s3(lock)
             s3_client(cfg).put_object(Bucket=bucket, Key=key, Body=json.dumps(info).encode(), IfNoneMatch="*",
@@ -2607,14 +2593,13 @@ def acquire_lock(storage: Storage, output: str, run_id: str, cfg: Config) -> str
         raise UsageError(f"cannot write to {output}: {e.strerror or e}; pass an --output you can "
                          "write to") from None
     except Exception as e:
-        response = getattr(e, "response", None) or {}
-        code = str(response.get("Error", {}).get("Code", ""))
-        if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+        code = str((getattr(e, "response", None) or {}).get("Error", {}).get("Code", ""))
+        # S3's failed conditional PUT; Hadoop's file systems
+        if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409") \
+                or "FileAlreadyExists" in str(e):
             raise taken from None
-        if response:  # S3 refused for another reason (access, bucket)
+        if boto:  # S3 refused for another reason: access, bucket, endpoint
             raise UsageError(describe_aws_error(e, split_s3(output)[0], cfg.endpoint_url)) from None
-        if "FileAlreadyExists" in str(e):  # Hadoop's file systems
-            raise taken from None
         raise UsageError(f"cannot write to {output}: {describe_failure(e)}") from None
     return lock
 
