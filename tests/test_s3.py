@@ -688,6 +688,16 @@ def test_a_run_through_s3_refusing_a_fifth_of_first_tries_gives_the_same_tables(
     assert table_rows(spark, f"s3a://{sample_bucket}/flaky") == table_rows(spark, sample_lake)
 
 
+def test_a_run_on_s3_reads_each_song_object_whole_with_one_get_and_no_head(s3, sample_bucket):
+    # Spark's whole-file read asks each file's status first; the job's s3a answers it from the
+    # listing, not with a HEAD per object.
+    seen = run_through_proxy(s3, sample_bucket, "one-get", every=0)
+    songs = [(m, p) for m, p, _, _ in seen if f"/{sample_bucket}/input/song_data/" in p and p.endswith(".json")]
+    assert [p for m, p in songs if m == "HEAD"] == []
+    gets = [p for m, p in songs if m == "GET"]
+    assert len(gets) == len(set(gets)) == 71
+
+
 def test_a_server_refusing_unsigned_payloads_gets_the_run_through_the_sdk(spark, s3, sample_bucket, sample_lake):
     seen = run_through_proxy(s3, sample_bucket, "signed-only", every=0, refuse_unsigned=True)
     plain = [m for m, _, _, sig in seen if sig == "UNSIGNED-PAYLOAD"]

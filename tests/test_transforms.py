@@ -272,3 +272,47 @@ def test_each_quality_check_fails_on_its_defect(spark):
     assert failed_checks(spark, songplays=[sp, sp]) == {
         "songplays.songplay_id unique": "1 extra rows, e.g. duplicated key 5",
         "songplays.user_id in users": "no users row for 9"}
+
+
+# ---- song files read whole
+
+
+SONG_FILES = {  # name: bytes, each an edge of Spark's JSON line reader
+    "ok.json": b'{"song_id":"S1","artist_id":"A1","title":"t1","duration":1.5,"year":2000}\n',
+    "several.json": b'{"song_id":"S2","artist_id":"A2"}\r\n\r\n  \t \n'
+                    b'{"song_id":"S3","artist_id":"A3","year":"not a number"}\n{"song_id": "S4", bad\n'
+                    b'{"song_id":"S5","artist_id":"A5"}\r{"song_id":"S6","artist_id":"A6"}',
+    "bom.json": b'\xef\xbb\xbf{"song_id":"S7","artist_id":"A7"}',
+    "values.json": b'null\n123\n"text"\n{"song_id":"S8","artist_id":"A8"} trailing\n',
+    "bytes.json": b'{"song_id":"S9","artist_id":"A9","title":"ok \xef\xbf\xbd"}\n'
+                  b'{"song_id":"S10","artist_id":"A10","title":"caf\xe9"}\n',
+    "empty.json": b"",
+}
+
+
+def test_song_files_read_whole_give_the_line_reader_s_records_and_rejects(spark, tmp_path):
+    folder = tmp_path / "song_data" / "A" / "B"
+    folder.mkdir(parents=True)
+    for name, data in SONG_FILES.items():
+        (folder / name).write_bytes(data)
+    root = str(tmp_path / "song_data")
+
+    def records(df):
+        good, bad = etl.song_rejects_split(df)
+        return (rows(good, "song_id", "artist_id", "title", "year", "duration"),
+                rows(bad, "file", "reason", "line"))
+
+    whole = records(etl.read_json_files(spark, root, etl.song_schema()))
+    assert whole == records(etl.read_json(spark, [root], etl.song_schema()))
+    good, bad = whole
+    assert [r[0] for r in good] == ["S1", "S2", "S5", "S6", "S7", "S8", "S9"]
+    assert len(bad) == 6 and {r[1] for r in bad} == {"malformed JSON or wrong type"}
+
+
+def test_a_json_array_in_a_song_file_is_rejected_whole(spark, tmp_path):
+    (tmp_path / "song_data").mkdir()
+    line = '[{"song_id":"S1","artist_id":"A1"},{"song_id":"S2","artist_id":"A2"}]'
+    (tmp_path / "song_data" / "list.json").write_text(line + "\n")
+    good, bad = etl.song_rejects_split(etl.read_json_files(spark, str(tmp_path / "song_data"), etl.song_schema()))
+    assert good.count() == 0
+    assert rows(bad, "reason", "line") == [("malformed JSON or wrong type", line)]
