@@ -2048,7 +2048,35 @@ def read_json(spark, paths: Sequence[str], schema):
     return df.withColumn("_file", F.col("_metadata.file_path"))
 
 
-def read_json_files(spark, root: str, schema):
+def binary_files(spark, root: str):
+    """The .json files under root as Spark's binary file source lists them (path, length,
+    content), read only when a query asks for them."""
+    return (spark.read.format("binaryFile")
+            .option("recursiveFileLookup", "true")
+            .option("pathGlobFilter", "*.json")
+            .load(root))
+
+
+# Song files are read whole (read_json_files) while they are small: a file is one task's row
+# and Spark refuses one over 2 GB, where the line reader splits a large file among tasks.
+WHOLE_FILE_MEAN_MAX = 64 * 1024
+WHOLE_FILE_TOTAL_MAX = 1 << 30
+
+
+def read_song_data(spark, root: str, whole: bool) -> tuple:
+    """(song_data as read_json gives it, its files, their bytes): read whole when `whole` (see extract) and
+    the files are small, on average at most WHOLE_FILE_MEAN_MAX bytes and WHOLE_FILE_TOTAL_MAX in
+    all (as the Million Song Dataset's are); otherwise by Spark's line reader."""
+    if whole:
+        files = binary_files(spark, root)
+        names, size = input_files(spark, files), plan_bytes(files)
+        if names and size <= WHOLE_FILE_TOTAL_MAX and size <= WHOLE_FILE_MEAN_MAX * len(names):
+            return read_json_files(spark, root, song_schema(), files), names, size
+    df = read_json(spark, [root], song_schema())
+    return df, input_files(spark, df), plan_bytes(df)
+
+
+def read_json_files(spark, root: str, schema, files=None):
     """read_json for a folder of small files, each read whole: the same rows, reasons and
     rejects, at half the cost for thousands of song files.  Spark's line reader sets up a Hadoop
     record reader per file (a copy of the Hadoop configuration, a codec lookup, a line buffer),
@@ -2058,14 +2086,12 @@ def read_json_files(spark, root: str, schema):
     schema's types is kept whole as malformed; so is a line with bytes that are not UTF-8.  One
     difference: a line holding a JSON array is malformed here (one object per line, SPEC §2),
     where Spark's reader makes a row of each object in it.  A file is held in memory whole (song
-    files hold a record or a few; Spark's limit is 2 GB).  Spark's binary file source asks the
+    files hold a record or a few; see read_song_data).  Spark's binary file source asks the
     file system for each file's status before it reads it (see extract for where that is cheap)."""
     from pyspark.sql import functions as F
 
-    files = (spark.read.format("binaryFile")
-             .option("recursiveFileLookup", "true")
-             .option("pathGlobFilter", "*.json")
-             .load(root))
+    if files is None:
+        files = binary_files(spark, root)
     # Split as bytes, as the line reader does (Latin-1 maps each byte to one character and back),
     # so that a line whose bytes are not UTF-8 stays as it was and can be told apart.
     text = F.regexp_replace(F.decode(F.col("content"), "ISO-8859-1"), "^\u00ef\u00bb\u00bf", "")
@@ -2710,9 +2736,8 @@ def extract(spark, storage: Storage, cfg: Config, stages: Stages, keep: list, po
             s3.prefetchListed(song_root, ".json", PREFETCH_THREADS)
         # Song files read whole where a file's status costs no request: on a local disk, or on
         # S3 through the job's s3a, which has it from the listing (on EMR's s3:// it is a HEAD).
-        songs_raw = (read_json_files(spark, song_root, song_schema())
-                     if is_local_path(song_root) or s3 is not None
-                     else read_json(spark, [song_root], song_schema()))
+        songs_raw, song_files, song_bytes = read_song_data(spark, song_root,
+                                                           is_local_path(song_root) or s3 is not None)
         logs_raw = read_json(spark, log_paths(storage, log_root, cfg.months), log_schema())
     except BaseException:
         if s3 is not None:
@@ -2721,7 +2746,7 @@ def extract(spark, storage: Storage, cfg: Config, stages: Stages, keep: list, po
     finally:
         if s3 is not None:
             s3.clearListed()
-    song_files, log_files = input_files(spark, songs_raw), input_files(spark, logs_raw)
+    log_files = input_files(spark, logs_raw)
     for files, root in ((song_files, song_root), (log_files, log_root)):
         if not files:
             raise UsageError(f"no .json files under {root}; check --input")
@@ -2744,7 +2769,7 @@ def extract(spark, storage: Storage, cfg: Config, stages: Stages, keep: list, po
     songs, song_rej = split_tagged(songs_tagged, "song_data")
     logs, log_rej = split_tagged(logs_tagged, "log_data")
     return Extracted(songs, in_months(logs, cfg.months), song_rej, log_rej, song_files, log_files,
-                     rejects, plan_bytes(songs_raw) + plan_bytes(logs_raw))
+                     rejects, song_bytes + plan_bytes(logs_raw))
 
 
 def plan_bytes(df) -> int:

@@ -316,3 +316,26 @@ def test_a_json_array_in_a_song_file_is_rejected_whole(spark, tmp_path):
     good, bad = etl.song_rejects_split(etl.read_json_files(spark, str(tmp_path / "song_data"), etl.song_schema()))
     assert good.count() == 0
     assert rows(bad, "reason", "line") == [("malformed JSON or wrong type", line)]
+
+
+def test_large_song_files_are_read_by_spark_s_line_reader(spark, tmp_path, monkeypatch):
+    # Told apart by an array line: rejected whole when read whole, a row per object by lines.
+    (tmp_path / "song_data").mkdir()
+    (tmp_path / "song_data" / "list.json").write_text(
+        '[{"song_id":"S1","artist_id":"A1"},{"song_id":"S2","artist_id":"A2"}]\n')
+    root = str(tmp_path / "song_data")
+
+    def read(whole):
+        df, files, size = etl.read_song_data(spark, root, whole)
+        good, _ = etl.song_rejects_split(df)
+        return rows(good, "song_id"), [f.rsplit("/", 1)[1] for f in files], size
+
+    assert read(True) == ([], ["list.json"], 70)
+    assert read(False)[:2] == ([("S1",), ("S2",)], ["list.json"])
+    monkeypatch.setattr(etl, "WHOLE_FILE_MEAN_MAX", 70)
+    assert read(True)[0] == []
+    monkeypatch.setattr(etl, "WHOLE_FILE_MEAN_MAX", 69)
+    assert read(True)[0] == [("S1",), ("S2",)]
+    monkeypatch.setattr(etl, "WHOLE_FILE_MEAN_MAX", 70)
+    monkeypatch.setattr(etl, "WHOLE_FILE_TOTAL_MAX", 69)
+    assert read(True)[0] == [("S1",), ("S2",)]
