@@ -2064,9 +2064,9 @@ WHOLE_FILE_TOTAL_MAX = 1 << 30
 
 
 def read_song_data(spark, root: str, whole: bool) -> tuple:
-    """(song_data as read_json gives it, its files, their bytes): read whole when `whole` (see extract) and
-    the files are small, on average at most WHOLE_FILE_MEAN_MAX bytes and WHOLE_FILE_TOTAL_MAX in
-    all (as the Million Song Dataset's are); otherwise by Spark's line reader."""
+    """(song_data as read_json gives it, its files, their bytes): read whole when `whole` (see
+    extract) and the files are small, on average at most WHOLE_FILE_MEAN_MAX bytes and at most
+    WHOLE_FILE_TOTAL_MAX in all (as the Million Song Dataset's are); else by Spark's line reader."""
     if whole:
         files = binary_files(spark, root)
         names, size = input_files(spark, files), plan_bytes(files)
