@@ -35,8 +35,8 @@ sys.path.insert(0, {ROOT!r})
 import etl
 cfg = etl.load_config(["--input", sys.argv[1]])
 spark = etl.build_spark(cfg)
-# each input read as etl.py reads it (song files whole, log files by line)
-etl.read_json_files(spark, os.path.join(sys.argv[1], "song_data"), etl.song_schema()).count()
+# each input read as etl.py reads it (small song files whole, log files by line)
+etl.read_song_data(spark, os.path.join(sys.argv[1], "song_data"), True)[0].count()
 etl.read_json(spark, [os.path.join(sys.argv[1], "log_data")], etl.log_schema()).count()
 etl.stop_spark(spark, keep_archive=False)  # the class archive is etl.py's to write
 """

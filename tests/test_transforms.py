@@ -309,21 +309,24 @@ def test_song_files_read_whole_give_the_line_reader_s_records_and_rejects(spark,
     assert len(bad) == 6 and {r[1] for r in bad} == {"malformed JSON or wrong type"}
 
 
-def test_a_json_array_in_a_song_file_is_rejected_whole(spark, tmp_path):
+ARRAY_LINE = '[{"song_id":"S1","artist_id":"A1"},{"song_id":"S2","artist_id":"A2"}]'
+
+
+def array_song_data(tmp_path) -> str:
     (tmp_path / "song_data").mkdir()
-    line = '[{"song_id":"S1","artist_id":"A1"},{"song_id":"S2","artist_id":"A2"}]'
-    (tmp_path / "song_data" / "list.json").write_text(line + "\n")
-    good, bad = etl.song_rejects_split(etl.read_json_files(spark, str(tmp_path / "song_data"), etl.song_schema()))
+    (tmp_path / "song_data" / "list.json").write_text(ARRAY_LINE + "\n")
+    return str(tmp_path / "song_data")
+
+
+def test_a_json_array_in_a_song_file_is_rejected_whole(spark, tmp_path):
+    good, bad = etl.song_rejects_split(etl.read_json_files(spark, array_song_data(tmp_path), etl.song_schema()))
     assert good.count() == 0
-    assert rows(bad, "reason", "line") == [("malformed JSON or wrong type", line)]
+    assert rows(bad, "reason", "line") == [("malformed JSON or wrong type", ARRAY_LINE)]
 
 
 def test_large_song_files_are_read_by_spark_s_line_reader(spark, tmp_path, monkeypatch):
     # Told apart by an array line: rejected whole when read whole, a row per object by lines.
-    (tmp_path / "song_data").mkdir()
-    (tmp_path / "song_data" / "list.json").write_text(
-        '[{"song_id":"S1","artist_id":"A1"},{"song_id":"S2","artist_id":"A2"}]\n')
-    root = str(tmp_path / "song_data")
+    root = array_song_data(tmp_path)
 
     def read(whole):
         df, files, size = etl.read_song_data(spark, root, whole)
