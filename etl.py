@@ -1850,9 +1850,37 @@ def stop_spark(spark, quiet: bool = False, keep_archive: bool = True) -> None:
     is ended without writing it, so that a later whole run writes one with all the job's
     classes (an archive only holds the classes its run loaded)."""
     spark.stop()
-    archive, writing = getattr(spark, "_sparkify_archive", (None, None))
+    if not hasattr(spark, "_sparkify_archive"):
+        return  # not a JVM build_spark launched: it is not ours to end
+    detach_gateway()
+    archive, writing = spark._sparkify_archive
     if writing:
         finish_class_archive(archive, writing, quiet, keep=keep_archive)
+
+
+PY4J_SEND_FAILED = "Exception while sending command."
+
+
+def detach_gateway() -> None:
+    """Send the JVM nothing more from Python: called when the JVM etl.py launched is about to end
+    (stop_spark ends it, or pyspark kills it as Python exits).  py4j's finalizer thread tells the
+    JVM, in the background, of every Python-side reference released; a message on its way when
+    the JVM ends made py4j print a traceback on the root logger after a run that had succeeded
+    (one of six first dry runs on a busy machine).  With the client marked disconnected py4j
+    sends no more of them, and the message of one already on its way is dropped."""
+    from pyspark import SparkContext
+
+    client = getattr(SparkContext._gateway, "_gateway_client", None)
+    if client is not None:
+        client.is_connected = False
+    root = logging.getLogger()
+    if _not_py4j_send_failure not in root.filters:
+        root.addFilter(_not_py4j_send_failure)
+
+
+def _not_py4j_send_failure(record: logging.LogRecord) -> bool:
+    """False for py4j's report of a command the ended JVM did not answer (a logging filter)."""
+    return not (record.name == "root" and record.msg == PY4J_SEND_FAILED)
 
 
 class Storage:

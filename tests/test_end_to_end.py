@@ -351,6 +351,44 @@ def test_class_archive_written_once_then_mapped_and_a_damaged_one_is_replaced(tm
     assert not glob.glob(str(tmp_path / "hs_err*")), "the crash left a JVM error file in the working folder"
 
 
+def test_ending_the_jvm_while_py4j_releases_objects_prints_no_traceback(tmp_path):
+    """py4j's finalizer thread sends the JVM a message for every Python-side reference released.
+    A first dry run (or failed run) ends the JVM it set to write the class archive; a message on
+    its way then made py4j print a traceback after a run that had succeeded.  Here the thread is
+    kept busy (200,000 releases queued), and six more threads call the JVM without a pause, so
+    that requests are on their way when stop_spark ends the JVM."""
+    code = (
+        f"import sys, threading, time; sys.path.insert(0, {ROOT!r})\n"
+        "import etl\n"
+        f"cfg = etl.load_config(['--dry-run', '--output', {str(tmp_path / 'o')!r}])\n"
+        "spark = etl.build_spark(cfg)\n"
+        "assert spark._sparkify_archive[1], 'the JVM is not set to write a class archive'\n"
+        "from pyspark import SparkContext\n"
+        "client = SparkContext._gateway._gateway_client\n"
+        "for i in range(200_000):\n"
+        "    client.finalizer_deque.appendleft((client, f'none{i}'))  # no such object\n"
+        "def busy(jvm=spark._jvm):\n"
+        "    try:\n"
+        "        while True:\n"
+        "            jvm.java.lang.System.nanoTime()\n"
+        "    except Exception:\n"
+        "        pass\n"
+        "for _ in range(6):\n"
+        "    threading.Thread(target=busy, daemon=True).start()\n"
+        "time.sleep(1.5)  # the finalizer thread polls its queue every second\n"
+        "assert len(client.finalizer_deque) > 1000, 'the releases were all sent already'\n"
+        "etl.stop_spark(spark, keep_archive=False)\n"
+        "time.sleep(1)\n"
+        "print('stopped')\n")
+    env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable,
+               SPARKIFY_JARS_DIR=str(tmp_path / "cache" / "jars"))  # no archive yet: one is written
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("stopped")
+    assert "Traceback" not in r.stderr and "Exception while sending command" not in r.stderr, r.stderr
+
+
 def test_job_log_drops_only_the_duplicate_block_warning(tmp_path):
     """Concurrent queries may compute one persisted partition twice; Spark's warning about the
     dropped copy is filtered out of the job's log, its other warnings are not."""
