@@ -683,6 +683,11 @@ OLD_CACHE_KINDS = ("fastfs", "fasts3afilesystem")  # what earlier versions built
 CACHE_ENTRY = re.compile(r"(?P<kind>[a-z0-9-]+?)-(?P<key>[0-9a-f]{12})(\.jar|\.jsa|\.jsa\.size)?")
 CACHE_KEEP = 4
 CACHE_IDLE_DAYS = 7
+# However recently used, no more than this many of a kind: a machine that makes many environments
+# (CI's fresh clones, each a new pyspark path) built 24 archives in a day here, 3.8 GB.  One used
+# within CACHE_BUSY_SECONDS stays, whatever the count (a run may be starting with it).
+CACHE_MAX = 8
+CACHE_BUSY_SECONDS = 3600
 
 
 def cache_dir() -> str:
@@ -700,7 +705,8 @@ def touch(path: str) -> None:
 def prune_cache(keep: int = CACHE_KEEP) -> list:
     """Delete the cached builds no run uses any more: of each kind, all but the `keep` used last,
     once unused for CACHE_IDLE_DAYS (runs on several set-ups, or two versions side by side, keep
-    theirs).  Returns the names deleted."""
+    theirs), and sooner all but the CACHE_MAX used last, once unused for CACHE_BUSY_SECONDS.
+    Returns the names deleted."""
     folder, now = cache_dir(), time.time()
     try:
         names = os.listdir(folder)
@@ -723,8 +729,10 @@ def prune_cache(keep: int = CACHE_KEEP) -> list:
     deleted = []
     for kind in CACHE_KINDS + OLD_CACHE_KINDS:
         builds = sorted((b for b in entries if b[0] == kind), key=used.get, reverse=True)
-        for build in builds[keep if kind in CACHE_KINDS else 0:]:
-            if now - used[build] < CACHE_IDLE_DAYS * 86400:
+        for rank, build in enumerate(builds):
+            idle = now - used[build]
+            if kind in CACHE_KINDS and rank < keep or idle < CACHE_BUSY_SECONDS or (
+                    idle < CACHE_IDLE_DAYS * 86400 and rank < CACHE_MAX):
                 continue
             for path in entries[build]:
                 with contextlib.suppress(OSError):

@@ -447,6 +447,23 @@ def test_cached_builds_no_run_uses_any_more_are_removed(tmp_path, monkeypatch):
     assert os.path.exists(archive)
 
 
+def test_no_more_than_eight_archives_stay_unless_used_within_the_hour(tmp_path, monkeypatch):
+    """A machine that makes many environments builds an archive (130-190 MB) for each: past the
+    CACHE_MAX used last, one goes as soon as it has been unused for an hour, not a week."""
+    monkeypatch.setenv("SPARKIFY_JARS_DIR", str(tmp_path / "jars"))
+    now = time.time()
+    ages = [m * 60 for m in range(1, 10)] + [2 * 3600, 3 * 3600, 30 * 3600]  # 9 within the hour
+    for i, age in enumerate(ages):
+        for suffix in (".jsa", ".jsa.size"):
+            path = tmp_path / f"jvm-classes-{i:012x}{suffix}"
+            path.write_bytes(b"x")
+            os.utime(path, (now - age,) * 2)
+    assert etl.CACHE_MAX == 8
+    # The ninth stays (used 9 minutes ago); the three unused for hours go, the newest of them too.
+    assert etl.prune_cache() == [f"jvm-classes-{i:012x}.jsa{s}" for i in (9, 10, 11) for s in ("", ".size")]
+    assert len(os.listdir(tmp_path)) == 2 * 9
+
+
 def test_pruning_skips_builds_another_run_removes_meanwhile(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARKIFY_JARS_DIR", str(tmp_path / "jars"))
     old = time.time() - 30 * 86400
