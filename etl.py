@@ -390,6 +390,30 @@ def s3a_jar_settings(submitted: bool = False) -> dict:
 S3A_CLASS = "org.apache.hadoop.fs.s3a.S3AFileSystem"
 
 
+def submit_class_loader() -> tuple:
+    """(the JVM view, spark-submit's class loader): the JVM spark-submit started, before the job's
+    session exists.  Its --jars go into that loader, and so can the job's (a py4j thread's
+    context class loader is it)."""
+    from pyspark import SparkContext
+
+    SparkContext._ensure_initialized()
+    jvm = SparkContext._jvm
+    return jvm, jvm.java.lang.Thread.currentThread().getContextClassLoader()
+
+
+def add_to_submit_class_path(jars: Sequence[str]) -> None:
+    """Put jars into spark-submit's class loader, as its --jars would (raises where it can't)."""
+    jvm, loader = submit_class_loader()
+    for jar in jars:
+        loader.addURL(jvm.java.io.File(jar).toURI().toURL())
+
+
+def submitted_master() -> str:
+    """The master spark-submit was given (its settings are the JVM's system properties)."""
+    jvm, _ = submit_class_loader()
+    return str(jvm.org.apache.spark.SparkConf().get("spark.master", ""))
+
+
 def submitted_s3a_settings() -> dict:
     """s3a_jar_settings under spark-submit off EMR.  Its JVM runs already, and spark.jars set now
     reaches the executors' class loaders but not the driver's, where Hadoop looks for the file
@@ -397,11 +421,7 @@ def submitted_s3a_settings() -> dict:
     cached jars go into spark-submit's own class loader, as its --jars would (a local master's
     executor loads through it too; spark.jars stays for executors elsewhere).  A connector given
     to spark-submit (--jars, --packages) is used as it is."""
-    from pyspark import SparkContext
-
-    SparkContext._ensure_initialized()
-    jvm = SparkContext._jvm
-    loader = jvm.java.lang.Thread.currentThread().getContextClassLoader()
+    jvm, loader = submit_class_loader()
     try:
         jvm.java.lang.Class.forName(S3A_CLASS, False, loader)
         return {}
@@ -410,12 +430,11 @@ def submitted_s3a_settings() -> dict:
     settings = s3a_jar_settings(submitted=True)
     jars = settings["spark.jars"].split(",")
     try:
-        for jar in jars:
-            loader.addURL(jvm.java.io.File(jar).toURI().toURL())
+        add_to_submit_class_path(jars)
     except Exception as e:
         raise UsageError(f"could not add the s3a connector to spark-submit's class path ({describe_failure(e)}); "
                          f"pass it yourself: spark-submit --jars {','.join(jars)} etl.py ...") from None
-    if jvm.org.apache.spark.SparkConf().get("spark.master", "").startswith("local"):
+    if submitted_master().startswith("local"):
         del settings["spark.jars"]  # which would copy 193 MB into the session's folder at every start
     return settings
 
@@ -1842,11 +1861,9 @@ def build_spark(cfg: Config, app_name: str = "sparkify-etl"):
             # it saves when the whole job lasts seconds (sample: 12.5 s -> 9.1 s); on large
             # inputs C2's faster code wins, so they keep the default.
             java_opts.append("-XX:TieredStopAtLevel=1")
-            # And no generated code: on a few thousand rows, compiling a class per query stage
-            # and expression costs more than interpreting them (sample, 5 rounds side by side:
-            # 7.0 s -> 6.05 s).  Large inputs keep code generation, which is far faster there.
-            builder = (builder.config("spark.sql.codegen.wholeStage", "false")
-                       .config("spark.sql.codegen.factoryMode", "NO_CODEGEN"))
+            # And no generated code (SMALL_INPUT_SQL).
+            for key, value in SMALL_INPUT_SQL.items():
+                builder = builder.config(key, value)
         else:
             # Less inlining for the optimizing compiler: the JIT's C2 spent about 21 of the run's
             # CPU-seconds at M compiling Spark's generated code; these limits cut that to about 14
@@ -1887,9 +1904,45 @@ def build_spark(cfg: Config, app_name: str = "sparkify-etl"):
         if fast_fs:
             drop_unused_hadoop_keys(spark)
     else:
+        # spark-submit started the JVM: its options are spark-submit's.  What can still be set:
+        # the SQL settings for a small input, and with a local master (this machine's JVM runs
+        # the tasks) the fast local file system, in spark-submit's class loader: without it a
+        # local spark-submit of the full catalogue took 121 s against python etl.py's 19 s,
+        # Hadoop forking chmod for every file and directory it wrote.
+        if small_input(cfg):
+            for key, value in SMALL_INPUT_SQL.items():
+                builder = builder.config(key, value)
+        fast_fs = submitted_fast_local_fs()
+        for key, value in fast_fs.items():
+            builder = builder.config(key, value)
         spark = builder.getOrCreate()
+        if fast_fs:
+            drop_unused_hadoop_keys(spark)
     spark.sparkContext.setLogLevel(SPARK_LOG_LEVELS[cfg.log_level].upper())
     return spark
+
+
+# On a few thousand rows, compiling a class per query stage and expression costs more than
+# interpreting them (sample, 5 rounds side by side: 7.0 s -> 6.05 s); large inputs keep code
+# generation, which is far faster there.
+SMALL_INPUT_SQL = {"spark.sql.codegen.wholeStage": "false", "spark.sql.codegen.factoryMode": "NO_CODEGEN"}
+
+
+def submitted_fast_local_fs() -> dict:
+    """fast_local_fs_settings under spark-submit with a local master, its jar put into
+    spark-submit's class loader; {} for another master (the tasks run elsewhere) or where it
+    can't be had."""
+    try:
+        if not submitted_master().startswith("local"):
+            return {}
+        settings = fast_local_fs_settings()
+        jar = settings.pop("spark.driver.extraClassPath", None)
+        if jar:
+            add_to_submit_class_path([jar])
+        return settings
+    except Exception as e:  # a speed-up only: Hadoop's own local file system works
+        log.debug("Hadoop's own local file system kept: %s", describe_failure(e))
+        return {}
 
 
 def memory_gb(text: str) -> float:
