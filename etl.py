@@ -2204,41 +2204,47 @@ WHOLE_FILE_TOTAL_MAX = 1 << 30
 def read_song_data(spark, root: str, whole: bool) -> tuple:
     """(song_data as read_json gives it, its files, their bytes): read whole when `whole` (see
     extract) and the files are small, on average at most WHOLE_FILE_MEAN_MAX bytes and at most
-    WHOLE_FILE_TOTAL_MAX in all (as the Million Song Dataset's are); else by Spark's line reader."""
+    WHOLE_FILE_TOTAL_MAX in all (as the Million Song Dataset's are); else line by line.  Either
+    way each line is parsed by parse_json_lines, so that both give the same rows and rejects."""
     if whole:
         files = binary_files(spark, root)
         names, size = input_files(spark, files), plan_bytes(files)
         if names and size <= WHOLE_FILE_TOTAL_MAX and size <= WHOLE_FILE_MEAN_MAX * len(names):
             return read_json_files(spark, root, song_schema(), files), names, size
-    df = read_json(spark, [root], song_schema())
-    return df, input_files(spark, df), plan_bytes(df)
+    lines = text_lines(spark, root)
+    return read_json_lines(spark, root, song_schema(), lines), input_files(spark, lines), plan_bytes(lines)
 
 
-def read_json_files(spark, root: str, schema, files=None):
-    """read_json for a folder of small files, each read whole: the same rows, reasons and
-    rejects, at half the cost for thousands of song files.  Spark's line reader sets up a Hadoop
-    record reader per file (a copy of the Hadoop configuration, a codec lookup, a line buffer),
-    which at 10,000 song files cost more than parsing them.  Here each file is split into lines
-    and every non-blank line is parsed by the same JSON parser with the same schema, as Spark's
-    reader does: a leading byte-order mark is skipped, and a line that is not JSON or not of the
-    schema's types is kept whole as malformed; so is a line with bytes that are not UTF-8.  One
-    difference: a line holding a JSON array is malformed here (one object per line, SPEC §2),
-    where Spark's reader makes a row of each object in it.  A file is held in memory whole (song
-    files hold a record or a few; see read_song_data).  Spark's binary file source asks the
-    file system for each file's status before it reads it (see extract for where that is cheap)."""
+def text_lines(spark, root: str):
+    """The lines of the .json files under root as Spark's text source splits them (the line
+    reader of its JSON source: at \n, \r\n or \r), each the line's bytes as they are."""
+    return (spark.read.option("recursiveFileLookup", "true").option("pathGlobFilter", "*.json")
+            .text(root))
+
+
+def read_json_lines(spark, root: str, schema, lines=None):
+    """read_json for song files read by lines (large files, or EMR's s3://), with
+    read_json_files' parse: Spark's JSON reader would make a row of each object of a JSON array
+    line (and none of `[]`) where a run that reads the files whole rejects the line, so the same
+    input gave other tables on EMR.  Spark's JSON reader skips a byte-order mark at the start
+    of a line; so does this."""
     from pyspark.sql import functions as F
 
-    if files is None:
-        files = binary_files(spark, root)
-    # Split as bytes, as the line reader does (Latin-1 maps each byte to one character and back),
-    # so that a line whose bytes are not UTF-8 stays as it was and can be told apart.
-    text = F.regexp_replace(F.decode(F.col("content"), "ISO-8859-1"), "^\u00ef\u00bb\u00bf", "")
-    lines = files.select(F.explode(F.split(text, r"\r\n|\r|\n")).alias("bytes"),
-                         F.col("_metadata.file_path").alias("_file"))
-    # A line of JSON whitespace only is no record, as in Spark's JSON reader.
-    lines = lines.filter(F.expr("trim(BOTH ' \t' FROM bytes) != ''"))
-    line = F.encode(F.col("bytes"), "ISO-8859-1").cast("string")
-    lines = lines.select(line.alias("line"), "_file")
+    if lines is None:
+        lines = text_lines(spark, root)
+    bom = "\ufeff"
+    line = F.when(F.col("value").startswith(bom), F.expr("substring(value, 2)")).otherwise(F.col("value"))
+    return parse_json_lines(lines.select(line.alias("line"), F.col("_metadata.file_path").alias("_file")),
+                            schema)
+
+
+def parse_json_lines(lines, schema):
+    """lines (line: a line's bytes as a string, _file) parsed as read_json parses them: a line of
+    JSON whitespace only is no record; a line that is not JSON, not of the schema's types, not
+    one object, or not UTF-8 is kept whole in _corrupt_record."""
+    from pyspark.sql import functions as F
+
+    lines = lines.filter(F.expr("trim(BOTH ' \t' FROM line) != ''"))
     utf8 = F.format_string("%s", F.col("line")) == F.col("line")  # bytes that survive decoding
     parsed = lines.select(
         F.when(utf8, F.from_json("line", schema, {"mode": "PERMISSIVE",
@@ -2247,6 +2253,33 @@ def read_json_files(spark, root: str, schema, files=None):
     cols = [F.col(f"j.{f.name}") for f in schema.fields if f.name != CORRUPT]
     corrupt = F.when(F.col("j").isNull(), F.col("line")).otherwise(F.col(f"j.{CORRUPT}")).alias(CORRUPT)
     return parsed.select(*cols, corrupt, "_file")
+
+
+def read_json_files(spark, root: str, schema, files=None):
+    """read_json for a folder of small files, each read whole: the same rows, reasons and
+    rejects, at half the cost for thousands of song files.  Spark's line reader sets up a Hadoop
+    record reader per file (a copy of the Hadoop configuration, a codec lookup, a line buffer),
+    which at 10,000 song files cost more than parsing them.  Here each file is split into lines
+    and every non-blank line is parsed by the same JSON parser with the same schema, as Spark's
+    reader does: a byte-order mark starting a line is skipped, and a line that is not JSON or not
+    of the schema's types is kept whole as malformed; so is a line with bytes that are not UTF-8.  One
+    difference: a line holding a JSON array is malformed here (one object per line, SPEC §2),
+    where Spark's reader makes a row of each object in it (read_json_lines, for song files read
+    by lines, does as this does).  A file is held in memory whole (song files hold a record or a
+    few; see read_song_data).  Spark's binary file source asks the file system for each file's
+    status before it reads it (see extract for where that is cheap)."""
+    from pyspark.sql import functions as F
+
+    if files is None:
+        files = binary_files(spark, root)
+    # Split as bytes, as the line reader does (Latin-1 maps each byte to one character and back),
+    # so that a line whose bytes are not UTF-8 stays as it was and can be told apart.
+    text = F.decode(F.col("content"), "ISO-8859-1")
+    lines = files.select(F.explode(F.split(text, r"\r\n|\r|\n")).alias("bytes"),
+                         F.col("_metadata.file_path").alias("_file"))
+    # A byte-order mark starting a line is skipped, as Spark's JSON reader skips it.
+    line = F.encode(F.regexp_replace("bytes", "^\u00ef\u00bb\u00bf", ""), "ISO-8859-1").cast("string")
+    return parse_json_lines(lines.select(line.alias("line"), "_file"), schema)
 
 
 def input_files(spark, df) -> list:
