@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 from conftest import event, song
 
@@ -330,23 +331,26 @@ def test_a_json_array_in_a_song_file_is_rejected_whole_however_the_file_is_read(
     assert rows(etl.read_json(spark, [root], etl.song_schema()), "song_id") == [("S1",), ("S2",)]
 
 
-def test_large_song_files_are_read_by_spark_s_line_reader(spark, tmp_path, monkeypatch):
+def test_large_song_files_are_read_by_spark_s_json_reader(spark, tmp_path, monkeypatch):
+    # Small files: read whole where a file's status is cheap, else by lines, parsed alike (an
+    # array line rejected); large files by Spark's JSON reader wherever they are (a row per object).
     root = array_song_data(tmp_path)
 
     def read(whole):
         df, files, size = etl.read_song_data(spark, root, whole)
-        plan = df._jdf.queryExecution().optimizedPlan().toString()
-        source = "whole" if "binaryFile" in plan or "BinaryFile" in plan else "lines"
-        return source, [f.rsplit("/", 1)[1] for f in files], size
+        plan = df._jdf.queryExecution().optimizedPlan().toString()  # ends "... Relation [...] json"
+        source = re.search(r"Relation .*\] (\w+)", plan).group(1)
+        good, _ = etl.song_rejects_split(df)
+        return source, rows(good, "song_id"), [f.rsplit("/", 1)[1] for f in files], size
 
-    assert read(True) == ("whole", ["list.json"], 73)
-    assert read(False) == ("lines", ["list.json"], 73)
-    monkeypatch.setattr(etl, "WHOLE_FILE_MEAN_MAX", 73)
-    assert read(True)[0] == "whole"
-    monkeypatch.setattr(etl, "WHOLE_FILE_MEAN_MAX", 72)
-    assert read(True)[0] == "lines"
-    monkeypatch.setattr(etl, "WHOLE_FILE_MEAN_MAX", 73)
-    monkeypatch.setattr(etl, "WHOLE_FILE_TOTAL_MAX", 72)
-    assert read(True)[0] == "lines"
+    assert read(True) == ("binaryFile", [], ["list.json"], 73)
+    assert read(False) == ("text", [], ["list.json"], 73)
+    for mean, total in ((73, 1 << 30), (72, 1 << 30), (73, 72)):
+        monkeypatch.setattr(etl, "WHOLE_FILE_MEAN_MAX", mean)
+        monkeypatch.setattr(etl, "WHOLE_FILE_TOTAL_MAX", total)
+        large = mean < 73 or total < 73
+        for whole, small_source in ((True, "binaryFile"), (False, "text")):
+            got = read(whole)
+            assert got[:2] == (("json", [("S1",), ("S2",)]) if large else (small_source, [])), (mean, total, whole)
 
 
