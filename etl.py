@@ -2207,7 +2207,7 @@ def read_song_data(spark, root: str, whole: bool) -> tuple:
     Dataset's are) are read whole when `whole` (see extract), else line by line, and parsed
     alike either way, so that the same files give the same rows and rejects everywhere.  Large
     files are read by Spark's JSON reader, as the log files are (parsing them as small files are
-    parsed took 6.5 times as long, see read_json_lines)."""
+    parsed took 6 times as long, see read_json_lines)."""
     if whole:
         files = binary_files(spark, root)
         names, size = input_files(spark, files), plan_bytes(files)
@@ -2240,7 +2240,7 @@ def read_json_lines(spark, root: str, schema, lines=None):
     whole rejects the line, so the same song files gave other tables on EMR.  Spark's JSON
     reader skips a byte-order mark at the start of a line; so does this.  About as fast as
     Spark's JSON reader for small files (the full catalogue's 14,896, warm: 4.9 s against 5.0 s),
-    but 6.5 times as slow on 72 MB in 10 files (11.8 s against 1.8 s): parsing is what costs
+    but 6 times as slow on 72 MB in 10 files (warm: 2.8 s against 0.46 s): parsing is what costs
     there, and from_json parses through a character decoder where Spark's reader parses bytes."""
     from pyspark.sql import functions as F
 
