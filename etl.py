@@ -2228,7 +2228,7 @@ def small_files(names: Sequence[str], size: int) -> bool:
 
 def text_lines(spark, root: str):
     """The lines of the .json files under root as Spark's text source splits them (the line
-    reader of its JSON source: at \n, \r\n or \r), each the line's bytes as they are."""
+    reader of its JSON source: at LF, CR LF or CR), each the line's bytes as they are."""
     return (spark.read.option("recursiveFileLookup", "true").option("pathGlobFilter", "*.json")
             .text(root))
 
