@@ -408,10 +408,14 @@ def add_to_submit_class_path(jars: Sequence[str]) -> None:
         loader.addURL(jvm.java.io.File(jar).toURI().toURL())
 
 
-def submitted_master() -> str:
-    """The master spark-submit was given (its settings are the JVM's system properties)."""
+def submitted_local_master() -> bool:
+    """Whether spark-submit was given a local master (local, local[N], local[*], local[N,F]):
+    the driver's JVM runs the tasks, loading classes through spark-submit's class loader.  Not
+    local-cluster, whose executors are JVMs of their own.  (spark-submit's settings are the
+    JVM's system properties.)"""
     jvm, _ = submit_class_loader()
-    return str(jvm.org.apache.spark.SparkConf().get("spark.master", ""))
+    master = str(jvm.org.apache.spark.SparkConf().get("spark.master", ""))
+    return re.fullmatch(r"local(\[[^\]]*\])?", master.strip()) is not None
 
 
 def submitted_s3a_settings() -> dict:
@@ -434,7 +438,7 @@ def submitted_s3a_settings() -> dict:
     except Exception as e:
         raise UsageError(f"could not add the s3a connector to spark-submit's class path ({describe_failure(e)}); "
                          f"pass it yourself: spark-submit --jars {','.join(jars)} etl.py ...") from None
-    if submitted_master().startswith("local"):
+    if submitted_local_master():
         del settings["spark.jars"]  # which would copy 193 MB into the session's folder at every start
     return settings
 
@@ -1933,7 +1937,7 @@ def submitted_fast_local_fs() -> dict:
     spark-submit's class loader; {} for another master (the tasks run elsewhere) or where it
     can't be had."""
     try:
-        if not submitted_master().startswith("local"):
+        if not submitted_local_master():
             return {}
         settings = fast_local_fs_settings()
         jar = settings.pop("spark.driver.extraClassPath", None)
