@@ -1911,7 +1911,7 @@ def build_spark(cfg: Config, app_name: str = "sparkify-etl"):
         # spark-submit started the JVM: its options are spark-submit's.  What can still be set:
         # the SQL settings for a small input, and with a local master (this machine's JVM runs
         # the tasks) the fast local file system, in spark-submit's class loader: without it a
-        # local spark-submit of the full catalogue took 121 s against python etl.py's 19 s,
+        # local spark-submit of the full catalogue took 117 s against python etl.py's 21 s (medians),
         # Hadoop forking chmod for every file and directory it wrote.
         if small_input(cfg):
             for key, value in SMALL_INPUT_SQL.items():
