@@ -57,6 +57,31 @@ spark.stop()
 """
 
 
+# The job's second run in one JVM, after a first run on the same input has loaded its classes,
+# compiled its hot code and planned its queries once: what a run costs without a fresh JVM's
+# start-up (JIT compilation, interpreted first passes, cold planning).  For context, like
+# BARE_READ_DEFAULTS: every real run of etl.py starts a fresh JVM.  Prints the timed run's wall
+# and CPU seconds (the process tree's: Python and the JVM).
+WARM_RUN = f"""
+import os, sys, time
+sys.path.insert(0, {ROOT!r})
+sys.path.insert(0, {HERE!r})
+import etl
+from run import tree_stats
+inp, out = sys.argv[1], sys.argv[2]
+spark = etl.build_spark(etl.load_config(["--input", inp, "--output", out + "-warm-up"]))
+assert etl.run(etl.load_config(["--input", inp, "--output", out + "-warm-up"]), spark) == 0
+os.sync()
+cpu0, t = {{}}, time.perf_counter()
+tree_stats(os.getpid(), cpu0)
+assert etl.run(etl.load_config(["--input", inp, "--output", out]), spark) == 0
+wall, cpu1 = time.perf_counter() - t, {{}}
+tree_stats(os.getpid(), cpu1)
+print(f"WARM RUN {{wall:.3f}} {{sum(cpu1.values()) - sum(cpu0.values()):.3f}}", flush=True)
+etl.stop_spark(spark, keep_archive=False)
+"""
+
+
 def input_for(scale: str) -> str:
     if scale == "sample":
         return os.path.join(ROOT, "data")
@@ -204,6 +229,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--course-style", action="store_true", help="also run ../shared/bench/course_style_etl.py")
     p.add_argument("--bare-read", action="store_true", help="also time a bare Spark start + read + stop")
+    p.add_argument("--warm", action="store_true", help="also time etl.py's second run in one JVM (for context: "
+                   "what a run costs without a fresh JVM's start-up)")
     p.add_argument("--s3", action="store_true", help="also run etl.py from and to S3: a SeaweedFS server "
                    "on loopback (weed, from requirements-dev.txt), input uploaded once")
     a = p.parse_args(argv)
@@ -254,6 +281,8 @@ def run_jobs(a, inp: str, jobs: dict, env: dict, server=None) -> None:
     if a.course_style:
         jobs["course-style"] = lambda out: [sys.executable, os.path.join(SHARED, "bench", "course_style_etl.py"),
                                             inp, out]
+    if a.warm:
+        jobs["warm JVM"] = lambda out: [sys.executable, "-c", WARM_RUN, inp, out]
     walls = {name: [] for name in jobs}
     cpus = {name: [] for name in jobs}  # the job's process tree, plus the S3 server's for S3 runs
     for i in range(a.repeat):
@@ -262,6 +291,8 @@ def run_jobs(a, inp: str, jobs: dict, env: dict, server=None) -> None:
             out = os.path.join(WORK, f"lake-{a.scale}-{name.replace(' ', '-')}-run{i + 1}")
             on_s3 = name.endswith(" s3")
             wall, peak, cpu, server_cpu, r = timed(cmd(out), env, server.proc.pid if on_s3 else None)
+            if name == "warm JVM":  # the second run alone, as the process timed it
+                wall, cpu = map(float, re.search(r"^WARM RUN ([\d.]+) ([\d.]+)$", r.stdout, re.M).groups())
             walls[name].append(wall)
             cpus[name].append(cpu + server_cpu)
             print(f"run {i + 1} {name:<13} {wall:7.1f}s  peak RSS {peak:,.0f} MB (Python + JVM)  CPU {cpu:.1f}s"
@@ -288,6 +319,11 @@ def run_jobs(a, inp: str, jobs: dict, env: dict, server=None) -> None:
     for name in ("bare read", "bare defaults"):
         if name in med:
             print(f"  etl.py = {med['etl.py'] / med[name]:.2f}x {name}")
+    if "warm JVM" in med:
+        print(f"  etl.py's second run in a warm JVM: {med['warm JVM']:.1f}s, {med['warm JVM'] / med['etl.py']:.2f}x a "
+              "whole run of etl.py (which starts a fresh JVM)")
+        if "course-style" in med:
+            print(f"  course-style = {med['course-style'] / med['warm JVM']:.1f}x etl.py's second run in a warm JVM")
 
 
 if __name__ == "__main__":
