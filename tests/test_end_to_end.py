@@ -301,6 +301,7 @@ def test_full_catalogue(spark, full_input, tmp_path):
 # ---- the JVM's class archive: written by the first run, mapped by the next ones
 
 
+@pytest.mark.slow
 def test_class_archive_written_once_then_mapped_and_a_damaged_one_is_replaced(tmp_path):
     env = {"SPARKIFY_JARS_DIR": str(tmp_path / "cache" / "jars")}
     # A dry run and a failed run load only part of the job's classes: neither writes the archive,

@@ -625,6 +625,7 @@ def spark_submit(*args, env_extra=None):
                           text=True, timeout=600, check=False)
 
 
+@pytest.mark.slow
 def test_spark_submit_runs_the_job_on_s3_paths(spark, s3, sample_bucket, sample_lake, tmp_path):
     """spark-submit's JVM runs before the job: the s3a connector the job set as spark.jars reached
     the executors but not the driver (`Class org.apache.hadoop.fs.s3a.S3AFileSystem not found`,
@@ -802,6 +803,7 @@ def plain_requests_logged(stderr):
     return dict(zip(("puts", "gets", "failures"), map(int, m.groups())))
 
 
+@pytest.mark.slow
 def test_over_https_small_requests_go_plain_and_sse_c_goes_through_s3a(s3_tls, sample_lake, tmp_path):
     env = tls_env(s3_tls, str(tmp_path))
     client = s3_tls.client()
