@@ -4,6 +4,7 @@ course-style job.  Prints figures to compare run to run; it asserts nothing.
 
     python bench/run.py sample [--repeat 3] [--course-style] [--bare-read]
     python bench/run.py M --repeat 3 --course-style      # generates bench/out/M once
+    python bench/run.py M --repeat 3 --warm              # also the job's second run in one JVM
 
 Scales: sample (bundled data/), full (../shared song_data_full.tar.gz + sample logs),
 S (1,000 songs / 100,000 events), M (10,000 / 1,000,000), L (100,000 / 10,000,000).
