@@ -2212,21 +2212,18 @@ def read_song_data(spark, root: str, whole: bool) -> tuple:
     alike either way, so that the same files give the same rows and rejects everywhere.  Large
     files are read by Spark's JSON reader, as the log files are (parsing them as small files are
     parsed took 6 times as long, see read_json_lines)."""
-    if whole:
-        files = binary_files(spark, root)
-        names, size = input_files(spark, files), plan_bytes(files)
-        if small_files(names, size):
-            return read_json_files(spark, root, song_schema(), files), names, size
-    else:
-        lines = text_lines(spark, root)
-        names, size = input_files(spark, lines), plan_bytes(lines)
-        if small_files(names, size):
-            return read_json_lines(spark, root, song_schema(), lines), names, size
+    source = binary_files(spark, root) if whole else text_lines(spark, root)
+    names, size = input_files(spark, source), plan_bytes(source)
+    if small_files(names, size):
+        parse = read_json_files if whole else read_json_lines
+        return parse(spark, root, song_schema(), source), names, size
     df = read_json(spark, [root], song_schema())
     return df, input_files(spark, df), plan_bytes(df)
 
 
 def small_files(names: Sequence[str], size: int) -> bool:
+    """Whether files (their names, their bytes in all) are small enough for the job's own parse
+    (read whole or by lines) rather than Spark's JSON reader."""
     return bool(names) and size <= WHOLE_FILE_TOTAL_MAX and size <= WHOLE_FILE_MEAN_MAX * len(names)
 
 
