@@ -66,7 +66,7 @@ def upload_tree(client, local_root: str, bucket: str, prefix: str, names=("song_
                 path = os.path.join(d, f)
                 key = "/".join(p for p in (prefix, os.path.relpath(path, local_root).replace(os.sep, "/")) if p)
                 jobs.append((path, key))
-    etl.upload_files(client, bucket, jobs)
+    etl.upload(client, bucket, jobs, {})
     return len(jobs)
 
 
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--region", help="bucket region (default: AWS_REGION, dl.cfg, or us-east-1)")
     p.add_argument("--upload-sample", nargs="?", const="input", metavar="PREFIX",
                    help="upload the bundled sample (data/song_data, data/log_data) under PREFIX "
-                   "(default: input), ready for etl.py --input s3a://BUCKET/PREFIX")
+                   "(default: input), ready for etl.py --input s3://BUCKET/PREFIX")
     p.add_argument("--config", help="config file (default: dl.cfg beside etl.py)")
     args = p.parse_args(argv)
     try:
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
             prefix = args.upload_sample.strip("/")
             n = upload_tree(client, etl.DEFAULT_INPUT, args.bucket, prefix)
             print(f"uploaded {n} sample files to s3://{args.bucket}/{prefix}/ "
-                  f"(run: python etl.py --input s3a://{args.bucket}/{prefix} --output s3a://{args.bucket}/lake)")
+                  f"(run: python etl.py --input s3://{args.bucket}/{prefix} --output s3://{args.bucket}/lake)")
         return 0
     except etl.UsageError as e:
         print(f"create_s3.py: error: {e}", file=sys.stderr)

@@ -544,12 +544,6 @@ def log4j2_file(level: str) -> str:
              "appender.console.layout.pattern = %d{HH:mm:ss} %p spark %c{1}: %m%n"]
     if level != "DEBUG":
         lines += [f"logger.q{i}.name = {name}\nlogger.q{i}.level = error" for i, name in enumerate(QUIET_LOGGERS)]
-        # Two concurrent writes may compute the same cached block; the second copy is dropped
-        # with a warning that asks nothing of the user.
-        lines += ["logger.blocks.name = org.apache.spark.storage.BlockManager",
-                  "logger.blocks.filter.dup.type = RegexFilter",
-                  "logger.blocks.filter.dup.regex = .*already exists on this machine.*",
-                  "logger.blocks.filter.dup.onMatch = DENY", "logger.blocks.filter.dup.onMismatch = NEUTRAL"]
     fd, path = tempfile.mkstemp(prefix="sparkify-log4j2-", suffix=".properties")
     with os.fdopen(fd, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -608,7 +602,8 @@ def build_spark(cfg: Config, app_name: str = "sparkify-etl"):
     log_file = None
     if "PYSPARK_GATEWAY_PORT" not in os.environ:  # not spark-submit: the job starts the JVM itself
         log_file = log4j2_file(cfg.log_level)
-        java_opts = [f"-Dlog4j2.configurationFile=file:{log_file}"]
+        # Spark's scratch files go to the user's temporary folder (TMPDIR), not always /tmp.
+        java_opts = [f"-Dlog4j2.configurationFile=file:{log_file}", f"-Djava.io.tmpdir={tempfile.gettempdir()}"]
         if small:
             # A run of seconds: the JIT's quick tier only, whose code is ready sooner.
             java_opts.append("-XX:TieredStopAtLevel=1")
@@ -622,8 +617,8 @@ def build_spark(cfg: Config, app_name: str = "sparkify-etl"):
         else:
             log.info("no JDK to build FastLocalFileSystem.java: Hadoop's own local file system is "
                      "used (slower with many output files)")
-        builder = builder.config("spark.ui.enabled", "false").config(
-            "spark.driver.extraJavaOptions", " ".join(java_opts))
+        builder = (builder.config("spark.ui.enabled", "false")  # no web UI for a run on a laptop
+                   .config("spark.driver.extraJavaOptions", " ".join(java_opts)))
     try:
         spark = builder.getOrCreate()
     finally:
@@ -785,7 +780,6 @@ class Extracted:
     rejects: object
     counts: dict
     files: dict
-    cached: list
 
 
 def extract(spark, root: str, shown_root: str, months: Sequence[str], listed: dict | None = None) -> Extracted:
@@ -823,7 +817,7 @@ def extract(spark, root: str, shown_root: str, months: Sequence[str], listed: di
                .unionByName(rejects_of(logs, "log_data", plain_root, shown_root)))
     good = {name: df.filter(F.col("_reason").isNull()).drop("_reason", "line", "_file")
             for name, df in (("songs", songs), ("logs", logs))}
-    return Extracted(good["songs"], in_months_only(good["logs"], months), rejects, counts, listed, [songs, logs])
+    return Extracted(good["songs"], in_months_only(good["logs"], months), rejects, counts, listed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1248,9 +1242,8 @@ class S3Store:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def list(self, prefix: str) -> list:
-        cut = len(self.key("")) if self.prefix else 0
-        return sorted(k[cut + (1 if self.prefix else 0):]
-                      for k in list_objects(self.client, self.bucket, self.key(prefix) + "/"))
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(k[cut:] for k in list_objects(self.client, self.bucket, self.key(prefix) + "/"))
 
     def read(self, key: str) -> str | None:
         try:
@@ -1559,7 +1552,6 @@ class Run:
     stages: Stages = field(default_factory=Stages)
     store: object = None
     work: str | None = None
-    cached: list = field(default_factory=list)
     counts: dict = field(default_factory=dict)
     checks: list = field(default_factory=list)
 
@@ -1575,7 +1567,6 @@ def run(cfg: Config, spark) -> int:
     try:
         if locks:
             recover(r.store)
-            r.store.clear("_staging")
         x = extract_input(r)
         previous = {} if cfg.dry_run else json.loads(r.store.read(MANIFEST) or "{}")
         tables, extras, play_rows = transform(r, x)
@@ -1589,11 +1580,11 @@ def run(cfg: Config, spark) -> int:
         spark.sparkContext.cancelAllJobs()
         raise
     finally:
-        for df in r.cached:
-            df.unpersist()
         if r.work:
             shutil.rmtree(r.work, ignore_errors=True)
-        if locks:
+        if locks:  # what a run staged beside the output is never needed again, published or not
+            if not isinstance(r.store, S3Store):
+                r.store.clear("_staging")
             locks.delete([LOCK])
 
 
@@ -1609,7 +1600,6 @@ def extract_input(r: Run) -> Extracted:
         listed = {name: [f[len(root) + 1:] for f in read_lines(spark, [f"{root}/{name}"]).inputFiles()]
                   for name in ("song_data", "log_data")}
     x = r.stages.run("read input", extract, spark, root, cfg.input, cfg.months, listed)
-    r.cached += x.cached
     records = sum(c["records"] for c in x.counts.values())
     rejected = sum(c["rejected"] for c in x.counts.values())
     if records and rejected / records > cfg.max_bad_fraction:
@@ -1698,8 +1688,6 @@ def load(r: Run, x: Extracted, tables: dict, extras: dict, previous: dict) -> di
     }
     final = r.stages.run("publish", publish, r.store, staged_store, staged, manifest, previous, cfg.months,
                          partition_rows)
-    if not isinstance(r.store, S3Store):
-        r.store.clear("_staging")
     return final["tables"]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -33,19 +32,15 @@ def spark():
                .config("spark.sql.shuffle.partitions", "2")
                .config("spark.ui.enabled", "false")
                .config("spark.sql.ansi.enabled", "true"))
-    for key, value in etl.spark_settings(etl.Config()).items():
+    for key, value in etl.spark_settings().items():
         builder = builder.config(key, value)
-    # The job's fast local file system (compiled once where javac exists), as `python etl.py` uses it.
-    for key, value in etl.fast_local_fs_settings().items():
-        builder = builder.config(key, value)
-    # The s3a connector (fetched from PyPI once, cached outside the repo) for the S3 tests, with
-    # the job's faster s3a file system, as `python etl.py` uses them.
-    etl.get_s3a_jars()
-    for key, value in etl.s3a_jar_settings().items():
-        builder = builder.config(key, value)
+    # The job's local file system, as `python etl.py` uses it (where a JDK can build it).
+    jar = etl.local_fs_jar()
+    if jar:
+        builder = builder.config("spark.driver.extraClassPath", jar).config("spark.hadoop.fs.file.impl",
+                                                                          etl.LOCAL_FS_CLASS)
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")
-    etl.drop_unused_hadoop_keys(session)  # as build_spark does for python etl.py
     # The session time zone too: the transforms must not rely on spark_settings' UTC.
     session.conf.set("spark.sql.session.timeZone", NON_UTC)
     yield session
@@ -150,35 +145,6 @@ def s3(tmp_path_factory):
     server = s3server.start(str(tmp_path_factory.mktemp("seaweedfs")))
     yield server
     server.stop()
-
-
-YARN_KEYS_AFTER_A_RUN = """
-import os, sys
-sys.path.insert(0, sys.argv[1])
-import etl
-cfg = etl.load_config(["--input", sys.argv[2], "--output", sys.argv[3]])
-spark = etl.build_spark(cfg)
-assert etl.run(cfg, spark) == 0
-conf = spark._jsc.hadoopConfiguration()
-from pyspark import SparkFiles
-root = SparkFiles.getRootDirectory()
-copied = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
-print(conf.get("fs.file.impl"), conf.getValByRegex("^yarn[.]").size(), conf.getValByRegex("^mapreduce[.]").size(),
-      copied)
-etl.stop_spark(spark)
-"""
-
-
-def hadoop_keys_after_a_run(inp: str, out: str, env_extra: dict | None = None) -> tuple:
-    """A whole run in a JVM of the job's own (as python etl.py starts it): its Hadoop configuration's
-    fs.file.impl, how many yarn.* and mapreduce.* keys it holds at the end, and how many bytes
-    Spark copied into its folder of added files and jars."""
-    r = subprocess.run([sys.executable, "-c", YARN_KEYS_AFTER_A_RUN, ROOT, inp, out],
-                       env=dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", **(env_extra or {})),
-                       capture_output=True, text=True, timeout=300, check=False)
-    assert r.returncode == 0, r.stderr
-    impl, yarn, mapreduce, copied = r.stdout.strip().splitlines()[-1].split()
-    return impl, int(yarn), int(mapreduce), int(copied)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import tarfile
 
 import pytest
 from pyspark.sql import functions as F
-from conftest import ROOT, SAMPLE, SHARED_DATA, hadoop_keys_after_a_run, job_lines, read_tables, run_job
+from conftest import ROOT, SAMPLE, job_lines, read_tables, run_job
 
 import analytics
 import etl
@@ -123,26 +123,16 @@ def test_songs_files_are_plain_and_uncompressed_the_other_tables_snappy(spark, s
             assert encodings & {"PLAIN_DICTIONARY", "RLE_DICTIONARY"}, table
 
 
-def test_fast_local_file_system_is_used_and_sets_ordinary_permissions(spark, sample_lake):
+def test_local_file_system_sets_ordinary_permissions_and_writes_no_checksum_files(sample_lake):
     import stat
 
-    assert etl.fast_local_fs_settings(), "javac is on this machine, so the fast file system must build"
-    fs = spark._jvm.org.apache.hadoop.fs.Path(sample_lake).getFileSystem(spark._jsc.hadoopConfiguration())
-    assert fs.getClass().getName() == etl.FAST_LOCAL_FS
     part = glob.glob(os.path.join(sample_lake, "songs", "year=*", "artist_id=*", "*.parquet"))[0]
     # Hadoop's default umask (fs.permissions.umask-mode) is 022
     assert stat.S_IMODE(os.stat(part).st_mode) == 0o644
     assert stat.S_IMODE(os.stat(os.path.dirname(part)).st_mode) == 0o755
-    # The raw local file system: no checksum file beside any file of the lake
+    # FastLocalFileSystem (built where javac exists, as here) writes no .crc file beside each file
+    assert etl.local_fs_jar(), "javac is on this machine, so FastLocalFileSystem.java must build"
     assert [f for _, _, fs in os.walk(sample_lake) for f in fs if f.endswith(".crc")] == []
-
-
-def test_yarn_settings_stay_out_of_the_hadoop_configuration_after_a_run(tmp_path):
-    # A JVM of the job's own (the way python etl.py starts it): the run loads the HDFS and file
-    # system classes, whose default resources would reload every key removed before them.
-    impl, yarn, mapreduce, _ = hadoop_keys_after_a_run(SAMPLE, str(tmp_path / "out"))
-    assert (impl, yarn) == (etl.FAST_LOCAL_FS, 0)
-    assert mapreduce > 100  # the rest stays
 
 
 def test_manifest_is_written_last_and_describes_the_run(sample_lake):
@@ -260,9 +250,7 @@ def test_cli_bad_option_values_exit_2(tmp_path):
 
 @pytest.fixture(scope="module")
 def full_input(tmp_path_factory):
-    archive = os.path.join(SHARED_DATA, "song_data_full.tar.gz")
-    if not os.path.isfile(archive):
-        pytest.fail(f"{archive} is missing: the full catalogue test needs ../shared/data")
+    archive = os.path.join(SAMPLE, "song_data_full.tar.gz")
     root = tmp_path_factory.mktemp("full")
     with tarfile.open(archive) as tar:
         tar.extractall(root)
@@ -296,116 +284,3 @@ def test_full_catalogue(spark, full_input, tmp_path):
                .groupBy("title").agg(F.count("*").alias("n")).collect()}
     assert [plays for _, _, plays, _ in top] == sorted(by_song.values(), reverse=True)[:10]
     assert all(by_song[title] == plays for title, _, plays, _ in top)
-
-
-# ---- the JVM's class archive: written by the first run, mapped by the next ones
-
-
-@pytest.mark.slow
-def test_class_archive_written_once_then_mapped_and_a_damaged_one_is_replaced(tmp_path):
-    env = {"SPARKIFY_JARS_DIR": str(tmp_path / "cache" / "jars")}
-    # A dry run and a failed run load only part of the job's classes: neither writes the archive,
-    # which would then serve every later run.
-    empty = tmp_path / "empty"
-    for name in ("song_data", "log_data"):
-        (empty / name).mkdir(parents=True)
-    for args, code in ((["--dry-run"], 0), (["--input", str(empty)], 2)):
-        r = cli(*args, "--output", str(tmp_path / "o0"), **env)
-        assert r.returncode == code, r.stderr
-        assert "saving the JVM's classes" not in r.stderr
-        assert not glob.glob(str(tmp_path / "cache" / "jvm-classes-*")), os.listdir(tmp_path / "cache")
-    first = cli("--output", str(tmp_path / "o1"), **env)
-    assert first.returncode == 0, first.stderr
-    assert "saving the JVM's classes" in first.stderr
-    archives = glob.glob(str(tmp_path / "cache" / "jvm-classes-*.jsa"))
-    assert len(archives) == 1, os.listdir(tmp_path / "cache")
-    archive = archives[0]
-    with open(archive + ".size") as f:
-        assert int(f.read()) == os.path.getsize(archive) > 10_000_000
-    assert not glob.glob(archive + ".*.tmp")
-    # The next run's JVM loads Spark's classes from the archive: its class-loading log says so.
-    classes = tmp_path / "classes.log"
-    second = cli("--output", str(tmp_path / "o2"), JAVA_TOOL_OPTIONS=f"-Xlog:class+load=info:file={classes}",
-                 **env)
-    assert second.returncode == 0, second.stderr
-    assert "saving the JVM's classes" not in second.stderr
-    loaded = classes.read_text()
-    assert "org.apache.spark.sql.SparkSession source: shared objects file (top)" in loaded
-    assert "org.apache.spark.sql.execution.datasources.parquet.ParquetFileFormat source: shared objects " \
-           "file (top)" in loaded
-    # A JVM that does not start with the archive or without it (an option Java does not know):
-    # the run fails in one line, and the archive, which was not the cause, stays.
-    bad = cli("--output", str(tmp_path / "o2b"), JAVA_TOOL_OPTIONS="-XX:+NoSuchSparkifyOption", **env)
-    assert bad.returncode == 2, bad.stderr
-    assert bad.stderr.count("etl.py: error:") == 1, bad.stderr
-    assert os.path.exists(archive) and os.path.exists(archive + ".size")
-    # A cut-off archive whose recorded size matches (the JVM crashes on it at start): the run
-    # starts without it, succeeds, and drops it.
-    with open(archive, "r+b") as f:
-        f.truncate(os.path.getsize(archive) // 2)
-    with open(archive + ".size", "w") as f:
-        f.write(str(os.path.getsize(archive)))
-    third = cli("--output", str(tmp_path / "o3"), cwd=tmp_path, **env)
-    assert third.returncode == 0, third.stderr
-    assert "did not start with its class archive" in third.stderr
-    assert not os.path.exists(archive)
-    assert not glob.glob(str(tmp_path / "hs_err*")), "the crash left a JVM error file in the working folder"
-
-
-def test_ending_the_jvm_while_py4j_releases_objects_prints_no_traceback(tmp_path):
-    """py4j's finalizer thread sends the JVM a message for every Python-side reference released.
-    A first dry run (or failed run) ends the JVM it set to write the class archive; a message on
-    its way then made py4j print a traceback after a run that had succeeded.  Here the thread is
-    kept busy (200,000 releases queued), and six more threads call the JVM without a pause, so
-    that requests are on their way when stop_spark ends the JVM."""
-    code = (
-        f"import sys, threading, time; sys.path.insert(0, {ROOT!r})\n"
-        "import etl\n"
-        f"cfg = etl.load_config(['--dry-run', '--output', {str(tmp_path / 'o')!r}])\n"
-        "spark = etl.build_spark(cfg)\n"
-        "assert spark._sparkify_archive[1], 'the JVM is not set to write a class archive'\n"
-        "from pyspark import SparkContext\n"
-        "client = SparkContext._gateway._gateway_client\n"
-        "for i in range(200_000):\n"
-        "    client.finalizer_deque.appendleft((client, f'none{i}'))  # no such object\n"
-        "def busy(jvm=spark._jvm):\n"
-        "    try:\n"
-        "        while True:\n"
-        "            jvm.java.lang.System.nanoTime()\n"
-        "    except Exception:\n"
-        "        pass\n"
-        "for _ in range(6):\n"
-        "    threading.Thread(target=busy, daemon=True).start()\n"
-        "time.sleep(1.5)  # the finalizer thread polls its queue every second\n"
-        "assert len(client.finalizer_deque) > 1000, 'the releases were all sent already'\n"
-        "etl.stop_spark(spark, keep_archive=False)\n"
-        "time.sleep(1)\n"
-        "print('stopped')\n")
-    env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable,
-               SPARKIFY_JARS_DIR=str(tmp_path / "cache" / "jars"))  # no archive yet: one is written
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                       check=False)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().endswith("stopped")
-    assert "Traceback" not in r.stderr and "Exception while sending command" not in r.stderr, r.stderr
-
-
-def test_job_log_drops_only_the_duplicate_block_warning(tmp_path):
-    """Concurrent queries may compute one persisted partition twice; Spark's warning about the
-    dropped copy is filtered out of the job's log, its other warnings are not."""
-    code = (
-        f"import sys; sys.path.insert(0, {ROOT!r})\n"
-        "import etl\n"
-        f"cfg = etl.load_config(['--output', {str(tmp_path / 'o')!r}])\n"
-        "spark = etl.build_spark(cfg)\n"
-        "logger = spark._jvm.org.apache.logging.log4j.LogManager.getLogger("
-        "'org.apache.spark.storage.BlockManager')\n"
-        "logger.warn('Block rdd_162_0 already exists on this machine; not re-adding it')\n"
-        "logger.warn('Putting block rdd_7_0 failed')\n"
-        "etl.stop_spark(spark, keep_archive=False)\n")
-    env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable)
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                       check=False)
-    assert r.returncode == 0, r.stderr
-    assert "Putting block rdd_7_0 failed" in r.stderr
-    assert "already exists on this machine" not in r.stderr

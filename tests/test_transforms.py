@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import re
 
 from conftest import event, song
 
@@ -108,10 +107,8 @@ def test_many_candidates_never_multiply_plays(events_df, songs_df):
 
 
 def test_songplay_id_is_stable_across_shuffle_partitioning(spark):
-    logs = etl.read_json(spark, [f"{etl.DEFAULT_INPUT}/log_data"], etl.log_schema())
-    songs = etl.read_json(spark, [f"{etl.DEFAULT_INPUT}/song_data"], etl.song_schema())
-    good_logs, _ = etl.log_rejects_split(logs)
-    good_songs, _ = etl.song_rejects_split(songs)
+    x = etl.extract(spark, etl.DEFAULT_INPUT, etl.DEFAULT_INPUT, [])
+    good_logs, good_songs = x.logs, x.songs
 
     def ids(partitions):
         spark.conf.set("spark.sql.shuffle.partitions", str(partitions))
@@ -198,32 +195,6 @@ def test_every_table_matches_the_declared_schema(spark, events_df, songs_df):
         assert got == want, name
 
 
-# ---- persisted tables
-
-
-def test_persisted_table_is_planned_from_its_cache_not_its_lineage(spark, events_df, songs_df):
-    ev = events_df(*[event(itemInSession=i) for i in range(3)], event(userId="2", song="Other"))
-    lineage = build_songplays(ev, songs_df(song()))
-    keep = []
-    table = etl.keep_df(keep, lineage.persist())
-    assert keep == [lineage]
-    plan = table._jdf.queryExecution().analyzed()
-    assert plan.getClass().getSimpleName() == "InMemoryRelation" and plan.children().isEmpty()
-    assert rows(table, *table.columns) == rows(lineage, *lineage.columns)
-    # the cache is the one the lineage fills: used by a self-join and a union of the two
-    assert table.join(table.alias("b"), "songplay_id").count() == 4
-    assert table.unionByName(lineage).count() == 8
-    lineage.unpersist()
-
-
-def test_sorted_cache_keeps_its_lineage(spark):
-    # Spark 3.5 cannot join a cache with an output ordering to itself; such a DataFrame stays as it is
-    ordered = spark.range(4).selectExpr("id", "id * 2 AS x").persist()
-    table = etl.cached_leaf(ordered)
-    assert table.join(table.alias("b"), "id").count() == 4
-    ordered.unpersist()
-
-
 # ---- §6.4 quality checks (one query for all of them)
 
 
@@ -275,82 +246,47 @@ def test_each_quality_check_fails_on_its_defect(spark):
         "songplays.user_id in users": "no users row for 9"}
 
 
-# ---- song files read whole
+# ---- reading: a line is exactly one JSON object
 
 
-SONG_FILES = {  # name: bytes, each an edge of Spark's JSON line reader
+SONG_FILES = {  # name: bytes, each an edge of reading JSON lines
     "ok.json": b'{"song_id":"S1","artist_id":"A1","title":"t1","duration":1.5,"year":2000}\n',
     "several.json": b'{"song_id":"S2","artist_id":"A2"}\r\n\r\n  \t \n'
                     b'{"song_id":"S3","artist_id":"A3","year":"not a number"}\n{"song_id": "S4", bad\n'
                     b'{"song_id":"S5","artist_id":"A5"}\r{"song_id":"S6","artist_id":"A6"}',
-    "bom.json": b'\xef\xbb\xbf{"song_id":"S7","artist_id":"A7"}\n\xef\xbb\xbf{"song_id":"S11","artist_id":"A11"}',
-    "values.json": b'null\n123\n"text"\n{"song_id":"S8","artist_id":"A8"} trailing\n',
-    "bytes.json": b'{"song_id":"S9","artist_id":"A9","title":"ok \xef\xbf\xbd"}\n'
-                  b'{"song_id":"S10","artist_id":"A10","title":"caf\xe9"}\n',
+    "bom.json": b'\xef\xbb\xbf{"song_id":"S7","artist_id":"A7"}\n',
+    "values.json": b'null\n123\n"text"\n[{"song_id":"S8","artist_id":"A8"}]\n[]\n',
+    "more.json": b'{"song_id":"S9","artist_id":"A9"} trailing\n{"song_id":"S10","artist_id":"A10"},\n'
+                 b'{"song_id":"S11","artist_id":"A11"} {"song_id":"S12","artist_id":"A12"}\n'
+                 b'{"song_id":"S13","artist_id":"A13"}] [{}\n  {"song_id":"S14","artist_id":"A14", "x": [1, {}]}  \n',
+    "number.json": b'{"song_id":"S15","artist_id":"A15","artist_name":112}\n',
     "empty.json": b"",
 }
 
 
-def test_song_files_read_whole_give_the_line_reader_s_records_and_rejects(spark, tmp_path):
+def test_each_line_is_one_json_object_or_rejected_whole_with_its_text(spark, tmp_path):
     folder = tmp_path / "song_data" / "A" / "B"
     folder.mkdir(parents=True)
     for name, data in SONG_FILES.items():
         (folder / name).write_bytes(data)
-    root = str(tmp_path / "song_data")
-
-    def records(df):
-        good, bad = etl.song_rejects_split(df)
-        return (rows(good, "song_id", "artist_id", "title", "year", "duration"),
-                rows(bad, "file", "reason", "line"))
-
-    whole = records(etl.read_json_files(spark, root, etl.song_schema()))
-    assert whole == records(etl.read_json(spark, [root], etl.song_schema()))
-    assert whole == records(etl.read_json_lines(spark, root, etl.song_schema()))
-    good, bad = whole
-    assert [r[0] for r in good] == ["S1", "S11", "S2", "S5", "S6", "S7", "S8", "S9"]
-    assert len(bad) == 6 and {r[1] for r in bad} == {"malformed JSON or wrong type"}
-
-
-ARRAY_LINES = ['[{"song_id":"S1","artist_id":"A1"},{"song_id":"S2","artist_id":"A2"}]', "[]"]
-
-
-def array_song_data(tmp_path) -> str:
-    (tmp_path / "song_data").mkdir()
-    (tmp_path / "song_data" / "list.json").write_text("".join(line + "\n" for line in ARRAY_LINES))
-    return str(tmp_path / "song_data")
-
-
-def test_a_json_array_in_a_song_file_is_rejected_whole_however_the_file_is_read(spark, tmp_path):
-    # Spark's JSON reader makes a row of each object in the first line and none of the second:
-    # read so, the same input gave other tables on EMR (s3://, read by lines) than elsewhere.
-    root = array_song_data(tmp_path)
-    for whole in (True, False):  # read whole (local, the job's s3a) or by lines (EMR's s3://, large files)
-        good, bad = etl.song_rejects_split(etl.read_song_data(spark, root, whole)[0])
-        assert good.count() == 0
-        assert rows(bad, "reason", "line") == sorted(("malformed JSON or wrong type", ln) for ln in ARRAY_LINES)
-    assert rows(etl.read_json(spark, [root], etl.song_schema()), "song_id") == [("S1",), ("S2",)]
-
-
-def test_large_song_files_are_read_by_spark_s_json_reader(spark, tmp_path, monkeypatch):
-    # Small files: read whole where a file's status is cheap, else by lines, parsed alike (an
-    # array line rejected); large files by Spark's JSON reader wherever they are (a row per object).
-    root = array_song_data(tmp_path)
-
-    def read(whole):
-        df, files, size = etl.read_song_data(spark, root, whole)
-        plan = df._jdf.queryExecution().optimizedPlan().toString()  # ends "... Relation [...] json"
-        source = re.search(r"Relation .*\] (\w+)", plan).group(1)
-        good, _ = etl.song_rejects_split(df)
-        return source, rows(good, "song_id"), [f.rsplit("/", 1)[1] for f in files], size
-
-    assert read(True) == ("binaryFile", [], ["list.json"], 73)
-    assert read(False) == ("text", [], ["list.json"], 73)
-    for mean, total in ((73, 1 << 30), (72, 1 << 30), (73, 72)):
-        monkeypatch.setattr(etl, "WHOLE_FILE_MEAN_MAX", mean)
-        monkeypatch.setattr(etl, "WHOLE_FILE_TOTAL_MAX", total)
-        large = mean < 73 or total < 73
-        for whole, small_source in ((True, "binaryFile"), (False, "text")):
-            got = read(whole)
-            assert got[:2] == (("json", [("S1",), ("S2",)]) if large else (small_source, [])), (mean, total, whole)
-
-
+    (tmp_path / "log_data").mkdir()
+    (tmp_path / "log_data" / "day.json").write_text('{"ts": 1, "userId": "1"} {"ts": 2}\n{"ts": 3}\n')
+    x = etl.extract(spark, str(tmp_path), "s3://bucket/raw", [])
+    assert rows(x.songs, "song_id") == [(f"S{i}",) for i in (1, 14, 15, 2, 5, 6, 7)]
+    assert rows(x.songs.filter("song_id = 'S15'"), "artist_name") == [("112",)]
+    bad = rows(x.rejects, "input", "file", "reason", "line")
+    more = "more than one JSON value on the line"
+    assert [r for r in bad if r[1].endswith("more.json")] == sorted(
+        ("song_data", "s3://bucket/raw/song_data/A/B/more.json", more, line) for line in (
+            '{"song_id":"S9","artist_id":"A9"} trailing', '{"song_id":"S10","artist_id":"A10"},',
+            '{"song_id":"S11","artist_id":"A11"} {"song_id":"S12","artist_id":"A12"}',
+            '{"song_id":"S13","artist_id":"A13"}] [{}'))
+    malformed = [r[3] for r in bad if r[2] == "malformed JSON or wrong type"]
+    assert sorted(malformed) == sorted(['{"song_id":"S3","artist_id":"A3","year":"not a number"}',
+                                        '{"song_id": "S4", bad', "null", "123", '"text"',
+                                        '[{"song_id":"S8","artist_id":"A8"}]', "[]"])
+    assert [r for r in bad if r[0] == "log_data"] == [
+        ("log_data", "s3://bucket/raw/log_data/day.json", more, '{"ts": 1, "userId": "1"} {"ts": 2}')]
+    # every non-blank line is a record used or a reject
+    assert x.counts == {"song_data": {"files": 7, "records": 18, "rejected": 11},
+                        "log_data": {"files": 1, "records": 2, "rejected": 1}}
