@@ -2,21 +2,26 @@
 """The analytics team's questions, asked of the lake etl.py writes.
 
     python analytics.py                               # every standard query on ./output
-    python analytics.py --lake s3a://bucket/lake --query top_songs
+    python analytics.py --lake s3://bucket/lake --query top_songs
     python analytics.py --sql "SELECT level, COUNT(*) FROM users GROUP BY level"
     python analytics.py --charts charts/              # and PNG charts of the main ones
 
 The five tables are registered as Spark SQL views (songplays, users, songs, artists, time).  The
 standard queries are the .sql files in queries/: one file per question, its first comment line
-the title, the second a one-line description.  Paths, config and credentials work as in etl.py.
+the title, the second a one-line description.  Paths, config and credentials work as in etl.py;
+run on this machine, a lake on S3 is read from a local copy of the tables the queries use.
 Exit codes: 0 success, 2 usage, configuration or query error.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime as dt
 import decimal
 import os
+import re
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,16 +68,42 @@ def load_queries(folder: str = QUERY_DIR) -> dict:
 
 def register_views(spark, lake: str) -> None:
     """Register the five tables as temporary views; fail with one line when the lake is not one."""
-    storage = etl.Storage(spark)
-    if not storage.exists(f"{lake}/_manifest.json"):
-        raise etl.UsageError(f"{lake} is not a Sparkify lake (no _manifest.json); run etl.py "
+    if etl.is_local(lake) and not os.path.isfile(os.path.join(lake, etl.MANIFEST)):
+        raise etl.UsageError(f"{lake} is not a Sparkify lake (no {etl.MANIFEST}); run etl.py "
                              f"--output {lake} first, or pass --lake PATH")
-    if storage.exists(f"{lake}/{etl.JOURNAL}"):
-        etl.log.warning("a publish into %s was interrupted; the next etl.py run completes it", lake)
     schemas = etl.output_schemas()
     for name in etl.TABLES:
-        # Explicit schemas: no footer reads to infer them (a round trip per file on S3).
-        spark.read.schema(schemas[name]).parquet(f"{lake}/{name}").createOrReplaceTempView(name)
+        # Explicit schemas: no footer reads to infer them, and a table not copied down reads as empty.
+        reader = spark.read.schema(schemas[name])
+        path = f"{lake}/{name}"
+        df = reader.parquet(path) if not etl.is_local(lake) or os.path.isdir(path) else \
+            spark.createDataFrame([], schemas[name])
+        df.createOrReplaceTempView(name)
+
+
+def tables_in(sql_texts: Sequence[str]) -> list:
+    """The lake's tables the queries name."""
+    return [t for t in etl.TABLES if any(re.search(rf"\b{t}\b", sql, re.I) for sql in sql_texts)]
+
+
+@contextlib.contextmanager
+def readable_lake(spark, cfg, lake: str, tables: Sequence[str]):
+    """The lake as Spark reads it here: a lake on S3, in a local session, copied down (the tables
+    named and the manifest) into a private working folder that is removed afterwards."""
+    if not (etl.is_s3(lake) and etl.local_session(spark)):
+        yield lake if etl.is_local(lake) else etl.spark_url(lake)
+        return
+    work = etl.work_folder(cfg, 2**28)
+    try:
+        store = etl.S3Store(cfg, lake)
+        if store.read(etl.MANIFEST) is None:
+            raise etl.UsageError(f"{lake} is not a Sparkify lake (no {etl.MANIFEST}); run etl.py "
+                                 f"--output {lake} first, or pass --lake PATH")
+        keys = [store.key(k) for t in tables for k in store.list(t)] + [store.key(etl.MANIFEST)]
+        etl.download(store.client, store.bucket, keys, store.prefix, work)
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def run_sql(spark, sql: str, limit: int | None = None):
@@ -85,13 +116,12 @@ def run_sql(spark, sql: str, limit: int | None = None):
 
 def run_queries(spark, lake: str, names: Sequence[str] | None = None) -> dict:
     """name -> (columns, rows) of the standard queries (all of them by default)."""
-    register_views(spark, lake)
     queries = load_queries()
-    out = {}
-    for name in names or queries:
-        columns, rows, _ = run_sql(spark, queries[name].sql, DEFAULT_LIMIT)
-        out[name] = (columns, rows)
-    return out
+    names = list(names or queries)
+    cfg = etl.load_config(["--output", lake])
+    with readable_lake(spark, cfg, lake, tables_in([queries[n].sql for n in names])) as root:
+        register_views(spark, root)
+        return {name: run_sql(spark, queries[name].sql, DEFAULT_LIMIT)[:2] for name in names}
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,7 +194,10 @@ def _column(columns, rows, name):
     return [r[i] for r in rows]
 
 
-def write_charts(results: dict, folder: str) -> list:
+MIN_TOP_SONGS = 3
+
+
+def write_charts(results: dict, folder: str, out=sys.stdout) -> list:
     """PNG charts of the main queries into folder; returns the files written."""
     try:
         import matplotlib
@@ -178,6 +211,11 @@ def write_charts(results: dict, folder: str) -> list:
     style = {"color": "#3b6ea8"}
     for fname, query in CHARTS.items():
         columns, rows = results[query]
+        if query == "top_songs" and len(rows) < MIN_TOP_SONGS:
+            # One or two bars rank nothing: say why instead of drawing them.
+            print(f"chart {fname} not drawn: only {len(rows)} song(s) with a matched play; the "
+                  f"chart needs {MIN_TOP_SONGS}", file=out)
+            continue
         fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
         if query == "plays_by_hour":
             ax.bar(_column(columns, rows, "hour"), _column(columns, rows, "plays"), **style)
@@ -253,62 +291,28 @@ def main(argv: Sequence[str] | None = None, spark=None, out=None) -> int:
     out = out or sys.stdout
     args = build_parser().parse_args(argv)
     queries = load_queries()
+    own = spark is None
     try:
+        cfg = check_args(args, queries)
         if args.list:
             for q in queries.values():
                 print(f"{q.name:<24} {q.title}", file=out)
             return etl.EXIT_OK
-        unknown = [n for n in args.query or [] if n not in queries]
-        if unknown:
-            raise etl.UsageError(f"no standard query named {', '.join(unknown)}; one of: "
-                                 f"{', '.join(queries)}")
-        if args.sql and (args.query or args.charts):
-            raise etl.UsageError("--sql runs one ad-hoc query; drop --query and --charts with it")
-        if args.limit < 1:
-            raise etl.UsageError("--limit must be at least 1")
-        etl_args = [*(["--output", args.lake] if args.lake else []),
-                    *(["--config", args.config] if args.config else []),
-                    *(["--log-level", args.log_level] if args.log_level else [])]
-        cfg = etl.load_config(etl_args)
-    except etl.UsageError as e:
-        print(f"analytics.py: error: {e}", file=sys.stderr)
-        return etl.EXIT_USAGE
-    etl.setup_logging(cfg.log_level)
-    lake = etl.normalize_path(cfg.output)
-    own = spark is None
-    try:
-        if etl.is_local_path(lake) and not os.path.isdir(lake):
+        etl.setup_logging(cfg.log_level)
+        lake = etl.normalize_path(cfg.output)
+        if etl.is_local(lake) and not os.path.isdir(lake):
             raise etl.UsageError(f"lake {lake} does not exist; run etl.py first or pass --lake PATH")
-        if etl.is_s3_path(lake):
+        if etl.is_s3(lake):
             etl.s3_preflight(cfg, lake)
         if own:
-            cfg.input = cfg.output  # build_spark looks at both paths to decide on s3a
-            spark = etl.build_spark(cfg, app_name="sparkify-analytics")
-        if lake.startswith("s3a://"):
-            etl.configure_s3a(spark, cfg)
-        register_views(spark, lake)
-        if args.sql:
-            try:
-                columns, rows, truncated = run_sql(spark, args.sql, args.limit)
-            except Exception as e:  # a SQL error is the user's: one line, exit 2
-                raise etl.UsageError(f"query failed: {etl.describe_failure(e)}") from None
-            print_result("ad-hoc query", "", columns, rows, truncated, out)
-            return etl.EXIT_OK
-        names = list(args.query or queries)
+            spark = etl.build_spark(dataclasses.replace(cfg, input=lake), app_name="sparkify-analytics")
+        names = [] if args.sql else list(args.query or queries)
         if args.charts:
             names += [q for q in CHARTS.values() if q not in names]
-        results = {}
-        for name in names:
-            q = queries[name]
-            columns, rows, truncated = run_sql(spark, q.sql, max(args.limit, CHART_ROWS)
-                                               if args.charts else args.limit)
-            results[name] = (columns, rows)
-            if not args.query or name in args.query:
-                print_result(q.title, q.description, columns, rows[:args.limit],
-                             truncated or len(rows) > args.limit, out)
-        if args.charts:
-            for path in write_charts(results, args.charts):
-                print(f"chart: {path}", file=out)
+        tables = tables_in([args.sql] if args.sql else [queries[n].sql for n in names])
+        with readable_lake(spark, cfg, lake, tables) as root:
+            register_views(spark, root)
+            answer(spark, args, queries, names, out)
         return etl.EXIT_OK
     except etl.UsageError as e:
         print(f"analytics.py: error: {e}", file=sys.stderr)
@@ -319,8 +323,42 @@ def main(argv: Sequence[str] | None = None, spark=None, out=None) -> int:
         return etl.EXIT_USAGE
     finally:
         if own and spark is not None:
-            # its stderr carries no log lines; its JVM loads too few of the job's classes for the archive
-            etl.stop_spark(spark, quiet=True, keep_archive=False)
+            spark.stop()
+
+
+def check_args(args, queries: dict):
+    """The etl.py configuration the lake's path and credentials come from; UsageError on bad options."""
+    unknown = [n for n in args.query or [] if n not in queries]
+    if unknown:
+        raise etl.UsageError(f"no standard query named {', '.join(unknown)}; one of: {', '.join(queries)}")
+    if args.sql and (args.query or args.charts):
+        raise etl.UsageError("--sql runs one ad-hoc query; drop --query and --charts with it")
+    if args.limit < 1:
+        raise etl.UsageError("--limit must be at least 1")
+    return etl.load_config([*(["--output", args.lake] if args.lake else []),
+                            *(["--config", args.config] if args.config else []),
+                            *(["--log-level", args.log_level] if args.log_level else [])])
+
+
+def answer(spark, args, queries: dict, names: Sequence[str], out) -> None:
+    """Run the ad-hoc query or the standard ones on the registered views; print them, draw charts."""
+    if args.sql:
+        try:
+            columns, rows, truncated = run_sql(spark, args.sql, args.limit)
+        except Exception as e:  # a SQL error is the user's: one line, exit 2
+            raise etl.UsageError(f"query failed: {etl.describe_failure(e)}") from None
+        print_result("ad-hoc query", "", columns, rows, truncated, out)
+        return
+    results = {}
+    for name in names:
+        q = queries[name]
+        columns, rows, truncated = run_sql(spark, q.sql, max(args.limit, CHART_ROWS) if args.charts else args.limit)
+        results[name] = (columns, rows)
+        if not args.query or name in args.query:
+            print_result(q.title, q.description, columns, rows[:args.limit], truncated or len(rows) > args.limit, out)
+    if args.charts:
+        for path in write_charts(results, args.charts, out):
+            print(f"chart: {path}", file=out)
 
 
 if __name__ == "__main__":

@@ -1156,7 +1156,7 @@ def write_all(tables: dict, extras: dict, root: str, bounds: dict, stages) -> No
     jobs = [(name, tables[name], PARTITIONS[name], {"rows": bounds[name]}) for name in TABLES]
     jobs[TABLES.index("songs")][3].update(tasks=cores, options=TINY_FILES_OPTIONS)
     jobs += [("_state/users", extras["_state/users"], (), {}),
-             ("_rejects", extras["_rejects"], (), {"fmt": "json"})]
+             ("_rejects", extras["_rejects"], (), {"fmt": "json"})][: 2 if extras["_rejects"] is not None else 1]
     with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="sparkify-write") as pool:
         futures = [pool.submit(stages.run, f"write {name}", write_table, df, f"{root}/{name}", parts, **kw)
                    for name, df, parts, kw in jobs]
@@ -1633,11 +1633,14 @@ def transform(r: Run, x: Extracted) -> tuple:
     # Computed once and cut from their lineage, so that the checks and writes plan small queries.
     tables = {name: df.localCheckpoint() for name, df in tables.items()}
     tables["time"] = time_table(tables["songplays"]).localCheckpoint()
-    rejects = x.rejects
+    # _rejects/ is written only when there are rejects (an empty file would be one to skip).
+    rejects = x.rejects if any(c["rejected"] for c in x.counts.values()) else None
     if previous and r.store.list("_rejects"):  # the months this run did not read keep theirs
         read = spark.createDataFrame([(f"{cfg.input}/{f}",) for f in x.files["log_data"]], "file string")
         earlier = spark.read.schema(REJECT_SCHEMA).json(f"{previous}/_rejects")
-        rejects = rejects.unionByName(earlier.filter("input = 'log_data'").join(read, "file", "left_anti"))
+        kept = earlier.filter("input = 'log_data'").join(read, "file", "left_anti")
+        if kept.take(1):
+            rejects = kept if rejects is None else rejects.unionByName(kept)
     return tables, {"_state/users": ustate, "_rejects": rejects}, play_rows
 
 

@@ -1,5 +1,5 @@
 -- Most played songs
--- Plays matched to a known song (SPEC §3.1: same title, artist name and duration), by song.
+-- Plays matched to a known song (same title, artist name and duration), by song.
 SELECT s.title,
        a.name                      AS artist,
        COUNT(*)                    AS plays,

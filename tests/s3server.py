@@ -154,6 +154,7 @@ class FlakyS3:
         self.every = every
         self.refuse_unsigned = refuse_unsigned
         self.requests = []  # (method, path, refused, payload signing)
+        self.sent = []  # (method, path, headers as sent, body) of every request
         self._refused = set()
         self._lock = threading.Lock()
         proxy = self
@@ -202,6 +203,7 @@ class FlakyS3:
         refused = denied or self._refuse(h.command, h.path)
         with self._lock:
             self.requests.append((h.command, h.path, refused, signing))
+            self.sent.append((h.command, h.path, {k.lower(): v for k, v in h.headers.items()}, body))
         if refused:
             status, reason, body = (403, "Forbidden", self.ACCESS_DENIED) if denied else \
                 (503, "Slow Down", self.SLOW_DOWN)

@@ -284,3 +284,33 @@ def test_full_catalogue(spark, full_input, tmp_path):
                .groupBy("title").agg(F.count("*").alias("n")).collect()}
     assert [plays for _, _, plays, _ in top] == sorted(by_song.values(), reverse=True)[:10]
     assert all(by_song[title] == plays for title, _, plays, _ in top)
+
+
+def test_cli_runs_print_no_warning_and_leave_the_temporary_folder_as_they_found_it(tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "lake"
+    for args in ([], ["--months", "2018-11"], ["--months", "2018-11"]):
+        r = cli("--output", str(out), *args, cwd=tmp_path, TMPDIR=str(tmp))
+        assert r.returncode == 0, r.stderr
+        assert [ln for ln in job_lines(r.stderr) if " INFO " not in ln] == [], r.stderr
+        assert os.listdir(tmp) == [], args
+
+
+def test_a_line_holding_an_event_and_more_text_is_rejected_whole_and_the_summary_adds_up(tmp_path):
+    inp = tmp_path / "in"
+    shutil.copytree(os.path.join(SAMPLE, "song_data"), inp / "song_data")
+    shutil.copytree(os.path.join(SAMPLE, "log_data"), inp / "log_data")
+    day = inp / "log_data" / "2018" / "11" / "2018-11-01-events.json"
+    text = day.read_text()
+    assert not text.endswith("\n")  # as every sample log file: the appended text joins the last event
+    last = text.splitlines()[-1]
+    day.write_text(text + '{"artist": "Broken", "song": "Half')
+    r = cli("--input", str(inp), "--output", str(tmp_path / "lake"))
+    assert r.returncode == 0, r.stderr
+    assert "rejected log_data: 1 of 8,056 lines" in r.stdout
+    assert "songplays         6,819" in r.stdout or "songplays         6,820" in r.stdout
+    rejects = [json.loads(ln) for f in (tmp_path / "lake" / "_rejects").glob("*.json")
+               for ln in f.read_text().splitlines()]
+    assert rejects == [{"input": "log_data", "file": str(day), "reason": "more than one JSON value on the line",
+                        "line": last + '{"artist": "Broken", "song": "Half'}]

@@ -34,3 +34,25 @@ def test_readme_s3_walkthrough_runs_as_written(tmp_path):
     assert "uploaded 101 sample files" in r.stdout
     assert "checks: 20 of 20 passed" in r.stdout and "6,820" in r.stdout
     assert "bucket sparkify-lake deleted" in r.stdout
+
+
+INTERNAL = re.compile(r"SPEC|§|\.\./shared|\b[Ss]tops? \d+\b|[Ii]ssue #?\d+|\bsession \d+\b|\bphase \d+\b")
+
+
+def test_nothing_a_user_reads_speaks_of_how_the_project_was_built(sample_lake):
+    texts = {}
+    for name in ("README.md", "bench/PERFORMANCE.md", "dl.cfg", *[f"queries/{q}" for q in
+                                                                   os.listdir(os.path.join(ROOT, "queries"))]):
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            texts[name] = f.read()
+    for script in ("etl.py", "analytics.py", "create_s3.py", "delete_s3.py", "bench/run.py"):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True,
+                           text=True, timeout=120, check=False)
+        texts[f"{script} --help"] = r.stdout
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "analytics.py"), "--lake", sample_lake],
+                       capture_output=True, text=True, timeout=300, check=False,
+                       env=dict(os.environ, SPARK_LOCAL_IP="127.0.0.1"))
+    assert r.returncode == 0, r.stderr
+    texts["analytics.py output"] = r.stdout
+    found = {name: INTERNAL.findall(text) for name, text in texts.items()}
+    assert {name: hits for name, hits in found.items() if hits} == {}
