@@ -33,10 +33,14 @@ import sys
 import tempfile
 import time
 import uuid
-import zipfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+import pyspark
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 __version__ = "2.0.0"
 
@@ -108,24 +112,21 @@ def month_arg(value: str) -> str:
     return value
 
 
-def fraction_arg(value: str) -> float:
-    try:
-        f = float(value)
-    except ValueError:
-        f = -1.0
-    if not 0.0 <= f <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a fraction between 0 and 1")
-    return f
+def number_arg(what: str, upper: float):
+    """An argparse type: a number from 0 to upper (inclusive for a fraction, exclusive for infinity)."""
+    def parse(value: str) -> float:
+        try:
+            f = float(value)
+        except ValueError:
+            f = -1.0
+        if not (0.0 <= f <= upper and f != float("inf")):
+            raise argparse.ArgumentTypeError(f"{value!r} is not {what}")
+        return f
+    return parse
 
 
-def seconds_arg(value: str) -> float:
-    try:
-        f = float(value)
-    except ValueError:
-        f = -1.0
-    if not 0.0 <= f < float("inf"):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds >= 0")
-    return f
+fraction_arg = number_arg("a fraction between 0 and 1", 1.0)
+seconds_arg = number_arg("a number of seconds >= 0", float("inf"))
 
 
 SSE_CHOICES = ("AES256", "aws:kms")
@@ -396,15 +397,18 @@ def download(client, bucket: str, keys: Iterable[str], prefix: str, dest: str) -
 
 
 def upload(client, bucket: str, files: Sequence[tuple], args: dict) -> None:
-    """Upload (local path, key) pairs, each with a Content-MD5 that S3 checks on receipt (the
-    ETag is not the MD5 under SSE-KMS, so comparing it afterwards proves nothing)."""
+    """Upload (local path, key) pairs, each with a Content-MD5 that S3 checks on receipt (under
+    SSE-KMS the ETag is not the MD5, so comparing it afterwards would prove nothing)."""
     def put(item):
-        path, key = item
-        with open(path, "rb") as f:
-            body = f.read()
-        md5 = base64.b64encode(hashlib.md5(body).digest()).decode()  # noqa: S324 (a checksum)
-        client.put_object(Bucket=bucket, Key=key, Body=body, ContentMD5=md5, **args)
+        with open(item[0], "rb") as f:
+            put_object(client, bucket, item[1], f.read(), args)
     parallel_map(put, list(files))
+
+
+def put_object(client, bucket: str, key: str, body: bytes, args: dict, **condition) -> dict:
+    """One PUT with the body's Content-MD5, which S3 checks before it stores the object."""
+    md5 = base64.b64encode(hashlib.md5(body).digest()).decode()  # a checksum, not a secret
+    return client.put_object(Bucket=bucket, Key=key, Body=body, ContentMD5=md5, **args, **condition)
 
 
 def delete_objects(client, bucket: str, keys: Sequence[str]) -> None:
@@ -472,34 +476,13 @@ def spark_settings(small: bool = False) -> dict:
     return settings
 
 
-def cluster_s3_settings(cfg: Config) -> dict:
-    """The encryption and ACL options for the objects a cluster's connector writes (EMRFS and s3a)."""
-    settings = {}
-    if cfg.sse:
-        kms = cfg.sse == "aws:kms"
-        settings.update({"spark.hadoop.fs.s3.enableServerSideEncryption": "true",
-                         "spark.hadoop.fs.s3a.encryption.algorithm": "SSE-KMS" if kms else "SSE-S3"})
-        if cfg.sse_kms_key_id:
-            settings.update({"spark.hadoop.fs.s3.serverSideEncryption.kms.keyId": cfg.sse_kms_key_id,
-                             "spark.hadoop.fs.s3a.encryption.key": cfg.sse_kms_key_id})
-    if cfg.acl:
-        camel = "".join(w.capitalize() for w in cfg.acl.split("-"))
-        settings.update({"spark.hadoop.fs.s3.canned.acl": camel, "spark.hadoop.fs.s3a.acl.default": camel})
-    if cfg.endpoint_url:
-        settings.update({"spark.hadoop.fs.s3a.endpoint": cfg.endpoint_url,
-                         "spark.hadoop.fs.s3a.path.style.access": "true"})
-    return settings
-
-
 LOCAL_FS_CLASS = "sparkify.FastLocalFileSystem"
 LOCAL_FS_SOURCE = os.path.join(HERE, "FastLocalFileSystem.java")
 
 
-def local_fs_jar() -> str | None:
+def local_fs_classes() -> str | None:
     """FastLocalFileSystem.java (beside this file) compiled once per source and pyspark version
-    into ~/.cache/sparkify, or None where the source or a JDK is missing."""
-    import pyspark
-
+    into a folder of ~/.cache/sparkify, or None where the source or a JDK is missing."""
     java_home = os.environ.get("JAVA_HOME", "")
     javac = shutil.which("javac", path=os.path.join(java_home, "bin")) if java_home else shutil.which("javac")
     if not javac or not os.path.isfile(LOCAL_FS_SOURCE):
@@ -507,24 +490,21 @@ def local_fs_jar() -> str | None:
     with open(LOCAL_FS_SOURCE, "rb") as f:
         key = hashlib.sha256(f.read() + pyspark.__version__.encode()).hexdigest()[:12]
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sparkify")
-    jar = os.path.join(cache, f"fastlocalfs-{key}.jar")
-    if os.path.isfile(jar):
-        return jar
-    os.makedirs(cache, exist_ok=True)
-    spark_jars = os.path.join(os.path.dirname(pyspark.__file__), "jars", "*")
-    with tempfile.TemporaryDirectory(prefix="sparkify-javac-") as classes:
-        r = subprocess.run([javac, "-nowarn", "-cp", spark_jars, "-d", classes, LOCAL_FS_SOURCE],
+    classes = os.path.join(cache, f"fastlocalfs-{key}")
+    if not os.path.isdir(classes):
+        os.makedirs(cache, exist_ok=True)
+        part = tempfile.mkdtemp(prefix="fastlocalfs-", dir=cache)
+        spark_jars = os.path.join(os.path.dirname(pyspark.__file__), "jars", "*")
+        r = subprocess.run([javac, "-nowarn", "-cp", spark_jars, "-d", part, LOCAL_FS_SOURCE],
                            capture_output=True, text=True, check=False)
         if r.returncode != 0:
             log.debug("javac failed: %s", r.stderr.strip()[:500])
+            shutil.rmtree(part, ignore_errors=True)
             return None
-        part = f"{jar}.{os.getpid()}.tmp"
-        with zipfile.ZipFile(part, "w") as z:
-            for d, _, names in os.walk(classes):
-                for n in names:
-                    z.write(os.path.join(d, n), os.path.relpath(os.path.join(d, n), classes))
-        os.replace(part, jar)
-    return jar
+        with contextlib.suppress(OSError):  # another run may have built it meanwhile
+            os.rename(part, classes)
+        shutil.rmtree(part, ignore_errors=True)
+    return classes
 
 
 SPARK_LOG_LEVELS = {"DEBUG": "info", "INFO": "warn", "WARNING": "error", "ERROR": "error"}
@@ -591,13 +571,11 @@ def local_driver_memory() -> str:
 
 def build_spark(cfg: Config, app_name: str = "sparkify-etl"):
     """The run's SparkSession.  spark-submit decides the master; `python etl.py` runs local[*]."""
-    from pyspark.sql import SparkSession
-
     ensure_java()
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     small = small_input(cfg)
     builder = SparkSession.builder.appName(app_name)
-    for key, value in {**spark_settings(small), **cluster_s3_settings(cfg)}.items():
+    for key, value in spark_settings(small).items():
         builder = builder.config(key, value)
     log_file = None
     if "PYSPARK_GATEWAY_PORT" not in os.environ:  # not spark-submit: the job starts the JVM itself
@@ -610,9 +588,9 @@ def build_spark(cfg: Config, app_name: str = "sparkify-etl"):
         else:
             # Local mode runs every task in the driver: give it memory (Spark's default is 1g).
             builder = builder.config("spark.driver.memory", local_driver_memory())
-        jar = local_fs_jar()
-        if jar:
-            builder = (builder.config("spark.driver.extraClassPath", jar)
+        classes = local_fs_classes()
+        if classes:
+            builder = (builder.config("spark.driver.extraClassPath", classes)
                        .config("spark.hadoop.fs.file.impl", LOCAL_FS_CLASS))
         else:
             log.info("no JDK to build FastLocalFileSystem.java: Hadoop's own local file system is "
@@ -639,8 +617,6 @@ def local_session(spark) -> bool:
 
 
 def song_schema():
-    from pyspark.sql import types as T
-
     return T.StructType([T.StructField(name, kind) for name, kind in (
         ("num_songs", T.LongType()), ("artist_id", T.StringType()), ("artist_latitude", T.DoubleType()),
         ("artist_longitude", T.DoubleType()), ("artist_location", T.StringType()),
@@ -649,8 +625,6 @@ def song_schema():
 
 
 def log_schema():
-    from pyspark.sql import types as T
-
     s, L, d = T.StringType(), T.LongType(), T.DoubleType()
     return T.StructType([T.StructField(name, kind) for name, kind in (
         ("artist", s), ("auth", s), ("firstName", s), ("gender", s), ("itemInSession", L),
@@ -661,8 +635,6 @@ def log_schema():
 
 def output_schemas() -> dict:
     """Every table's columns and types, partition columns included."""
-    from pyspark.sql import types as T
-
     s, L, i, d, ts = T.StringType(), T.LongType(), T.IntegerType(), T.DoubleType(), T.TimestampType()
 
     def struct(*cols):
@@ -697,20 +669,19 @@ def hidden(name: str) -> bool:
     return name.startswith((".", "_"))
 
 
-def json_files(root: str) -> list:
-    """The .json files under a local folder as Spark's reader finds them, relative to root."""
+def files_under(top: str) -> list:
+    """The files under a local folder as Spark's readers find them (no hidden names), relative
+    to it, with /."""
     found = []
-    for d, dirs, names in os.walk(root):
+    for d, dirs, names in os.walk(top):
         dirs[:] = sorted(x for x in dirs if not hidden(x))
-        found += [os.path.relpath(os.path.join(d, n), root).replace(os.sep, "/")
-                  for n in sorted(names) if n.endswith(".json") and not hidden(n)]
+        found += [os.path.relpath(os.path.join(d, n), top).replace(os.sep, "/")
+                  for n in sorted(names) if not hidden(n)]
     return found
 
 
 def read_lines(spark, paths: Sequence[str]):
     """Every line of the .json files under paths, with its file."""
-    from pyspark.sql import functions as F
-
     return (spark.read.option("recursiveFileLookup", "true").option("pathGlobFilter", "*.json")
             .text(list(paths)).select(F.col("value").alias("line"), F.col("_metadata.file_path").alias("_file")))
 
@@ -718,8 +689,6 @@ def read_lines(spark, paths: Sequence[str]):
 def parse_lines(lines, schema):
     """lines (line, _file) parsed with schema: each non-blank line's fields, and _error saying why
     the line is rejected whole: not one JSON object of the schema's types, or more after it."""
-    from pyspark.sql import functions as F
-
     lines = lines.filter(~F.col("line").rlike(r"^[ \t]*$"))
     text = F.regexp_replace("line", "^\ufeff", "")  # a byte-order mark opening a file
     parsed = F.from_json(text, schema, {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT})
@@ -738,8 +707,6 @@ def parse_lines(lines, schema):
 def tag_rejects(parsed, required: Sequence[str], rules=()):
     """Add _reason, why a line is rejected (a parse error, a missing key field, a broken rule),
     null for a good one; a good line keeps neither its text nor its file (memory)."""
-    from pyspark.sql import functions as F
-
     reason = F.when(F.col("_error").isNotNull(), F.col("_error"))
     for c in required:
         reason = reason.when(F.col(c).isNull(), F.lit(f"missing {c}"))
@@ -755,16 +722,12 @@ def tag_songs(parsed):
 
 
 def tag_logs(parsed):
-    from pyspark.sql import functions as F
-
     in_range = F.col("ts").isNull() | F.col("ts").between(0, MAX_TS_MS)
     return tag_rejects(parsed, ("ts",), [(in_range, "ts out of range")])
 
 
 def rejects_of(tagged, source: str, root: str, shown_root: str):
     """The rejected lines: input, file (under shown_root, the input as the user named it), reason, line."""
-    from pyspark.sql import functions as F
-
     local = F.regexp_replace("_file", "^file:(//)?", "")
     rel = F.expr(f"substring(_f, {len(root) + 2})")
     return (tagged.filter(F.col("_reason").isNotNull()).withColumn("_f", local)
@@ -786,12 +749,10 @@ def extract(spark, root: str, shown_root: str, months: Sequence[str], listed: di
     """Read song_data and log_data under root once; count lines and rejects in one query.
     shown_root: how the user named the input (root may be a local copy of it).  listed: the
     files under root per input, relative to it (listed here when root is local)."""
-    from pyspark.sql import functions as F
-
     log_dirs = [f"log_data/{m}" for m in month_folders(months)] if months else ["log_data"]
     if listed is None:
-        listed = {"song_data": [f"song_data/{f}" for f in json_files(f"{root}/song_data")],
-                  "log_data": [f"log_data/{f}" for f in json_files(f"{root}/log_data")]}
+        listed = {name: [f"{name}/{f}" for f in files_under(f"{root}/{name}") if f.endswith(".json")]
+                  for name in ("song_data", "log_data")}
     if months:  # without a year/month layout: every file, filtered by month below
         in_months = [f for f in listed["log_data"] if any(f.startswith(d + "/") for d in log_dirs)]
         if in_months:
@@ -805,7 +766,7 @@ def extract(spark, root: str, shown_root: str, months: Sequence[str], listed: di
     base = root.rstrip("/")
     songs = tag_songs(parse_lines(read_lines(spark, [f"{base}/song_data"]), song_schema()))
     logs = tag_logs(parse_lines(read_lines(spark, [f"{base}/{d}" for d in log_dirs]), log_schema()))
-    songs, logs = (df.localCheckpoint() for df in (songs, logs))
+    songs, logs = (df.localCheckpoint(eager=False) for df in (songs, logs))
     tally = (songs.select(F.lit("song_data").alias("input"), "_reason")
              .unionByName(logs.select(F.lit("log_data").alias("input"), "_reason"))
              .groupBy("input").agg(F.count(F.lit(1)).alias("n"), F.count("_reason").alias("bad")).collect())
@@ -826,8 +787,6 @@ def extract(spark, root: str, shown_root: str, months: Sequence[str], listed: di
 
 
 def _completeness(*cols):
-    from pyspark.sql import functions as F
-
     total = F.lit(0)
     for c in cols:
         present = F.col(c).isNotNull()
@@ -840,8 +799,6 @@ def _completeness(*cols):
 def song_records(songs_raw):
     """One song record per song_id: the most complete record, then the smallest field values —
     a stated rule, so every run picks the same one."""
-    from pyspark.sql import functions as F
-
     fields = ["title", "artist_id", "year", "duration", "artist_name"]
     pick = F.min(F.struct(
         (-_completeness("title", "year", "duration", "artist_name")).alias("neg_complete"),
@@ -852,8 +809,6 @@ def song_records(songs_raw):
 
 def songs_table(records):
     """songs: one row per song_id (year 0 = unknown, as in the source)."""
-    from pyspark.sql import functions as F
-
     return records.select("song_id", "title", "artist_id", F.col("year").cast("int").alias("year"),
                           "duration")
 
@@ -862,8 +817,6 @@ def artists_table(songs_raw):
     """artists: one row per artist_id.  When an artist's records disagree, the most complete
     record (name, location, latitude, longitude present) wins, then the one of the smallest
     song_id."""
-    from pyspark.sql import functions as F
-
     pick = F.min(F.struct(
         (-_completeness("artist_name", "artist_location", "artist_latitude",
                         "artist_longitude")).alias("neg_complete"),
@@ -878,8 +831,6 @@ def artists_table(songs_raw):
 
 def events_with_user(logs):
     """Events with a numeric userId (logged-out events have an empty one), typed."""
-    from pyspark.sql import functions as F
-
     return (logs.withColumn("user_id", F.expr("try_cast(userId AS BIGINT)"))
             .filter(F.col("userId").rlike(r"^\s*[0-9]+\s*$") & F.col("user_id").isNotNull()))
 
@@ -896,8 +847,6 @@ def users_table(events, previous_state=None):
 
 def users_state(events, previous_state=None):
     """Per user, the latest event's attributes plus its ordering key (kept under _state/)."""
-    from pyspark.sql import functions as F
-
     latest = events.select(
         "user_id",
         F.col("ts").alias("last_ts"),
@@ -916,8 +865,6 @@ def users_state(events, previous_state=None):
 def _utc_parts(ts_ms):
     """UTC calendar fields of an epoch-millisecond column, computed from the epoch value itself so
     they do not depend on the JVM's or the session's time zone."""
-    from pyspark.sql import functions as F
-
     day = F.expr(f"date_from_unix_date(CAST(div({ts_ms}, 86400000) AS INT))")
     return {
         "hour": F.expr(f"CAST(div({ts_ms}, 3600000) % 24 AS INT)"),
@@ -932,8 +879,6 @@ def _utc_parts(ts_ms):
 def plays(events):
     """Distinct NextSong events by identity (userId, sessionId, itemInSession, ts).  A repeated
     event keeps the smallest copy of its other fields (they are normally identical)."""
-    from pyspark.sql import functions as F
-
     identity = ["user_id", "sessionId", "itemInSession", "ts"]
     rest = ["level", "song", "artist", "length", "location", "userAgent"]
     return (events.filter(F.col("page") == "NextSong")
@@ -945,8 +890,6 @@ def best_song_matches(play_keys, records, tolerance: float = 0.0):
     """For each distinct (song, artist, length) of the plays, the one matching song: same title,
     same artist_name, |duration - length| <= tolerance; the closest duration wins, then the
     smallest song_id.  Exactly one row per key, so joining it back cannot multiply plays."""
-    from pyspark.sql import functions as F
-
     keys = play_keys.select("song", "artist", "length").distinct()
     cand = F.broadcast(records.select(
         F.col("title").alias("c_title"), F.col("artist_name").alias("c_artist"),
@@ -964,16 +907,12 @@ def best_song_matches(play_keys, records, tolerance: float = 0.0):
 def songplay_id(*cols):
     """Deterministic 63-bit id of an event's identity: the same event gets the same id on every
     run, whatever the partitioning.  Uniqueness is a quality check."""
-    from pyspark.sql import functions as F
-
     return F.xxhash64(*[F.col(c).cast("bigint") for c in cols]).bitwiseAND(F.lit(0x7FFFFFFFFFFFFFFF))
 
 
 def songplays_table(play_rows, records, tolerance: float = 0.0):
     """songplays: one row per distinct NextSong event; song_id/artist_id from the best match, or
     null when none (the play is kept)."""
-    from pyspark.sql import functions as F
-
     matches = best_song_matches(play_rows, records, tolerance)
     joined = play_rows.join(F.broadcast(matches), on=["song", "artist", "length"], how="left")
     parts = _utc_parts("ts")
@@ -992,8 +931,6 @@ def songplays_table(play_rows, records, tolerance: float = 0.0):
 
 def time_table(songplays):
     """time: one row per distinct songplays.start_time, fields in UTC."""
-    from pyspark.sql import functions as F
-
     ms = songplays.select(F.expr("unix_millis(start_time)").alias("ms")).distinct()
     parts = _utc_parts("ms")
     return ms.select(F.expr("timestamp_millis(ms)").alias("start_time"),
@@ -1002,8 +939,6 @@ def time_table(songplays):
 
 def in_months_only(df, months: Sequence[str], ts_col: str = "ts"):
     """Rows whose UTC month (of an epoch-ms column) is one of months; all rows without months."""
-    from pyspark.sql import functions as F
-
     if not months:
         return df
     parts = _utc_parts(ts_col)
@@ -1028,8 +963,6 @@ ORPHAN_CHECKS = (("user_id", "users"), ("start_time", "time"), ("song_id", "song
 def _key_parts(df, key):
     """A key column as (ks, kl): string keys in ks, integer keys in kl, timestamps in kl as
     epoch microseconds, so that keys of every table fit one union."""
-    from pyspark.sql import functions as F
-
     kind = dict(df.dtypes)[key]
     if kind == "string":
         return F.col(key).alias("ks"), F.lit(None).cast("bigint").alias("kl")
@@ -1047,8 +980,6 @@ def check_stats(tables: dict, play_rows) -> dict:
     Grouped by (check, key) and then by check: rows, null keys, extra rows of duplicated keys
     with an example, and referenced keys missing from the parent with an example.
     Returns {check: {rows, nulls, dups, dup_example, orphans, orphan_example}}."""
-    from pyspark.sql import functions as F
-
     own = F.lit(0).alias("ref")
     parts = [tables[name].select(F.lit(name).alias("check"), *_key_parts(tables[name], KEYS[name]), own)
              for name in TABLES if name != "songplays"]
@@ -1136,8 +1067,6 @@ def write_table(df, path: str, partition_by: Sequence[str], rows: int | None = N
     """One file per partition directory (one file for an unpartitioned table).  rows (an upper
     bound), when small, lets one task write the table; tasks spreads a table of thousands of
     partition directories over that many tasks, each directory in one."""
-    from pyspark.sql import functions as F
-
     cols = [F.col(c) for c in partition_by]
     if tasks and partition_by:
         out = df.repartition(tasks, *cols).sortWithinPartitions(*partition_by, df.columns[0])
@@ -1219,16 +1148,6 @@ class LocalStore:
             os.replace(os.path.join(staged, *key.split("/")), self.path(key))
 
 
-def files_under(top: str) -> list:
-    """Data files under a local folder, relative to it, with / (hidden files left out)."""
-    found = []
-    for d, dirs, names in os.walk(top):
-        dirs.sort()
-        found += [os.path.relpath(os.path.join(d, n), top).replace(os.sep, "/")
-                  for n in sorted(names) if not hidden(n)]
-    return found
-
-
 class S3Store:
     """An output on S3, written from this machine with boto3.  The lock, journal and manifest
     are conditional writes: a second writer's request fails instead of overwriting."""
@@ -1262,11 +1181,8 @@ class S3Store:
             cond = {"IfNoneMatch": "*"}
         elif self.etags.get(key):
             cond = {"IfMatch": self.etags[key]}
-        body = text.encode("utf-8")
-        md5 = base64.b64encode(hashlib.md5(body).digest()).decode()  # noqa: S324 (a checksum)
         try:
-            r = self.client.put_object(Bucket=self.bucket, Key=self.key(key), Body=body, ContentMD5=md5,
-                                       **self.args, **cond)
+            r = put_object(self.client, self.bucket, self.key(key), text.encode("utf-8"), self.args, **cond)
         except self.client.exceptions.ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
                 raise FileExistsError(f"s3://{self.bucket}/{self.key(key)} was changed by another run") from None
@@ -1282,75 +1198,20 @@ class S3Store:
         self.delete(self.list(prefix))
 
     def put(self, staged: str, keys: Iterable[str]) -> None:
-        """Upload staged files (under the local folder staged)."""
-        upload(self.client, self.bucket, [(os.path.join(staged, *k.split("/")), self.key(k)) for k in keys],
-               self.args)
+        """Upload staged files (under the local folder staged), or copy them within S3 (staged
+        by a cluster under the S3 URL staged)."""
+        if not is_s3(staged):
+            upload(self.client, self.bucket, [(os.path.join(staged, *k.split("/")), self.key(k)) for k in keys],
+                   self.args)
+            return
+        bucket, prefix = split_s3(staged)
+        parallel_map(lambda k: self.client.copy_object(
+            Bucket=self.bucket, Key=self.key(k), CopySource={"Bucket": bucket, "Key": f"{prefix}/{k}"},
+            **self.args), list(keys))
 
 
-class HadoopStore:
-    """An output a cluster writes through its Hadoop file system (HDFS, EMRFS's s3://, s3a)."""
-
-    def __init__(self, spark, root: str):
-        self.root, self.jvm = root, spark._jvm
-        self.fs = self.jvm.org.apache.hadoop.fs.Path(root).getFileSystem(spark._jsc.hadoopConfiguration())
-
-    def path(self, key: str = ""):
-        return self.jvm.org.apache.hadoop.fs.Path(f"{self.root}/{key}" if key else self.root)
-
-    def list(self, prefix: str) -> list:
-        if not self.fs.exists(self.path(prefix)):
-            return []
-        found, it, cut = [], self.fs.listFiles(self.path(prefix), True), len(str(self.path(""))) + 1
-        while it.hasNext():
-            p = it.next().getPath()
-            if not hidden(p.getName()):
-                found.append(str(p.toString())[cut:])
-        return sorted(found)
-
-    def read(self, key: str) -> str | None:
-        if not self.fs.exists(self.path(key)):
-            return None
-        stream = self.fs.open(self.path(key))
-        try:
-            return str(self.jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8"))
-        finally:
-            stream.close()
-
-    def write(self, key: str, text: str, exclusive: bool = False) -> None:
-        try:
-            stream = self.fs.create(self.path(key), not exclusive)
-        except Exception as e:
-            if "FileAlreadyExists" in str(e):
-                raise FileExistsError(f"{self.root}/{key} exists") from None
-            raise
-        try:
-            stream.write(bytearray(text.encode("utf-8")))
-        finally:
-            stream.close()
-
-    def delete(self, keys: Iterable[str]) -> None:
-        parallel_map(lambda k: self.fs.delete(self.path(k), False), list(keys))
-
-    def clear(self, prefix: str) -> None:
-        self.fs.delete(self.path(prefix), True)
-
-    def put(self, staged: str, keys: Iterable[str]) -> None:
-        """Move staged files (under the URL staged) into place."""
-        jvm_path = self.jvm.org.apache.hadoop.fs.Path
-
-        def move(key):
-            self.fs.mkdirs(self.path(key).getParent())
-            if not self.fs.rename(jvm_path(f"{staged}/{key}"), self.path(key)):
-                raise OSError(f"could not move {staged}/{key} to {self.root}/{key}")
-        parallel_map(move, list(keys))
-
-
-def open_store(spark, cfg: Config, local: bool):
-    if is_local(cfg.output):
-        return LocalStore(cfg.output)
-    if is_s3(cfg.output) and local:
-        return S3Store(cfg, cfg.output)
-    return HadoopStore(spark, spark_url(cfg.output))
+def open_store(cfg: Config):
+    return S3Store(cfg, cfg.output) if is_s3(cfg.output) else LocalStore(cfg.output)
 
 
 def utc_now() -> str:
@@ -1395,14 +1256,6 @@ def take_lock(store, cfg: Config, run_id: str) -> None:
                              "--force if that run crashed")
         log.warning("taking over the lock of run %s (since %s)", held.get("run_id"), held.get("since"))
         store.delete([LOCK])
-
-
-def lock_store(spark, cfg: Config, store):
-    """Where the lock lives: the output's store, but on S3 always boto3's conditional write
-    (a cluster's connector would check, then write)."""
-    if is_s3(cfg.output) and not isinstance(store, S3Store):
-        return S3Store(cfg, cfg.output)
-    return store
 
 
 def recover(store) -> None:
@@ -1550,8 +1403,8 @@ class Run:
                     + uuid.uuid4().hex[:6])
     started: str = field(default_factory=utc_now)
     stages: Stages = field(default_factory=Stages)
-    store: object = None
-    work: str | None = None
+    store: object = None  # LocalStore or S3Store of the output
+    work: str | None = None  # the private working folder, when the run needs one
     counts: dict = field(default_factory=dict)
     checks: list = field(default_factory=list)
 
@@ -1559,17 +1412,16 @@ class Run:
 def run(cfg: Config, spark) -> int:
     """The whole job on a session: extract, transform, check, load, summarize."""
     cfg.input, cfg.output = normalize_path(cfg.input), normalize_path(cfg.output)
-    r = Run(cfg, spark)
-    r.store = open_store(spark, cfg, local_session(spark))
-    locks = None if cfg.dry_run else lock_store(spark, cfg, r.store)
-    if locks:
-        take_lock(locks, cfg, r.id)
+    r = Run(cfg, spark, store=open_store(cfg))
+    if not cfg.dry_run:
+        take_lock(r.store, cfg, r.id)
     try:
-        if locks:
+        if not cfg.dry_run:
             recover(r.store)
         x = extract_input(r)
         previous = {} if cfg.dry_run else json.loads(r.store.read(MANIFEST) or "{}")
-        tables, extras, play_rows = transform(r, x)
+        old_users, old_rejects = read_previous(r, x)
+        tables, extras, play_rows = transform(x, old_users, old_rejects, cfg.duration_tolerance)
         counts, checks = check(r, x, tables, play_rows)
         published = {} if cfg.dry_run else load(r, x, tables, extras, previous)
         counts.update({name: t["rows"] for name, t in published.items()})
@@ -1582,10 +1434,10 @@ def run(cfg: Config, spark) -> int:
     finally:
         if r.work:
             shutil.rmtree(r.work, ignore_errors=True)
-        if locks:  # what a run staged beside the output is never needed again, published or not
-            if not isinstance(r.store, S3Store):
+        if not cfg.dry_run:  # what a run staged is never needed again, published or not
+            if not r.work:
                 r.store.clear("_staging")
-            locks.delete([LOCK])
+            r.store.delete([LOCK])
 
 
 def extract_input(r: Run) -> Extracted:
@@ -1616,31 +1468,39 @@ def extract_input(r: Run) -> Extracted:
     return x
 
 
-def transform(r: Run, x: Extracted) -> tuple:
-    """The five tables (persisted: the checks and the writes share them), the users state and
-    the rejects to publish, and the distinct plays the checks count."""
+def read_previous(r: Run, x: Extracted) -> tuple:
+    """What an incremental run merges from the output: (users state, rejects of log files this
+    run did not read), each None when there is none."""
     cfg, spark = r.cfg, r.spark
-    previous = None if cfg.dry_run or not cfg.months else (copy_previous(r.store, workspace(r))
-                                                          if isinstance(r.store, S3Store) else r.store.root)
-    state = f"{previous}/_state/users"
-    old_users = spark.read.parquet(state) if previous and r.store.list("_state/users") else None
+    if not cfg.months or cfg.dry_run:
+        return None, None
+    local_copy = is_s3(cfg.output) and local_session(spark)
+    root = copy_previous(r.store, workspace(r)) if local_copy else spark_url(cfg.output)
+    users = spark.read.parquet(f"{root}/_state/users") if r.store.list("_state/users") else None
+    if not r.store.list("_rejects"):
+        return users, None
+    read = spark.createDataFrame([(f"{cfg.input}/{f}",) for f in x.files["log_data"]], "file string")
+    earlier = spark.read.schema(REJECT_SCHEMA).json(f"{root}/_rejects")
+    kept = earlier.filter("input = 'log_data'").join(read, "file", "left_anti")
+    return users, (kept if kept.take(1) else None)
+
+
+def transform(x: Extracted, old_users, old_rejects, tolerance: float) -> tuple:
+    """The five tables, the users state and rejects to publish, and the distinct plays the
+    checks count."""
     records = song_records(x.songs)
     events = events_with_user(x.logs)
     ustate = users_state(events, old_users)
     play_rows = plays(events)
-    tables = {"songplays": songplays_table(play_rows, records, cfg.duration_tolerance),
-              "users": ustate.select(*USER_COLS), "songs": songs_table(records), "artists": artists_table(x.songs)}
+    tables = {"songplays": songplays_table(play_rows, records, tolerance), "users": ustate.select(*USER_COLS),
+              "songs": songs_table(records), "artists": artists_table(x.songs)}
     # Computed once and cut from their lineage, so that the checks and writes plan small queries.
-    tables = {name: df.localCheckpoint() for name, df in tables.items()}
-    tables["time"] = time_table(tables["songplays"]).localCheckpoint()
+    tables = {name: df.localCheckpoint(eager=False) for name, df in tables.items()}
+    tables["time"] = time_table(tables["songplays"]).localCheckpoint(eager=False)
     # _rejects/ is written only when there are rejects (an empty file would be one to skip).
     rejects = x.rejects if any(c["rejected"] for c in x.counts.values()) else None
-    if previous and r.store.list("_rejects"):  # the months this run did not read keep theirs
-        read = spark.createDataFrame([(f"{cfg.input}/{f}",) for f in x.files["log_data"]], "file string")
-        earlier = spark.read.schema(REJECT_SCHEMA).json(f"{previous}/_rejects")
-        kept = earlier.filter("input = 'log_data'").join(read, "file", "left_anti")
-        if kept.take(1):
-            rejects = kept if rejects is None else rejects.unionByName(kept)
+    if old_rejects is not None:
+        rejects = old_rejects if rejects is None else rejects.unionByName(old_rejects)
     return tables, {"_state/users": ustate, "_rejects": rejects}, play_rows
 
 
@@ -1666,13 +1526,12 @@ def workspace(r: Run) -> str:
 def load(r: Run, x: Extracted, tables: dict, extras: dict, previous: dict) -> dict:
     """Stage every table, then publish; returns the published manifest's tables."""
     cfg = r.cfg
-    if isinstance(r.store, S3Store):
+    if is_s3(cfg.output) and local_session(r.spark):  # staged on local disk, then uploaded
         staged = os.path.join(workspace(r), "output")
-        staged_store, write_root = LocalStore(staged), staged
-    else:
-        staged = f"{r.store.root}/_staging/{r.id}"
-        staged_store = LocalStore(staged) if isinstance(r.store, LocalStore) else HadoopStore(r.spark, staged)
-        write_root = staged
+    else:  # staged beside the output, then moved (or copied within S3) into place
+        staged = f"{cfg.output}/_staging/{r.id}"
+    staged_store = S3Store(cfg, staged) if is_s3(staged) else LocalStore(staged)
+    write_root = spark_url(staged)
     songs_in, logs_in = x.counts["song_data"]["records"], x.counts["log_data"]["records"]
     bounds = {"songplays": logs_in, "time": logs_in, "users": logs_in, "songs": songs_in, "artists": songs_in}
     r.stages.run("write tables", write_all, tables, extras, write_root, bounds, r.stages)

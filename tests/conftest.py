@@ -35,9 +35,9 @@ def spark():
     for key, value in etl.spark_settings().items():
         builder = builder.config(key, value)
     # The job's local file system, as `python etl.py` uses it (where a JDK can build it).
-    jar = etl.local_fs_jar()
-    if jar:
-        builder = builder.config("spark.driver.extraClassPath", jar).config("spark.hadoop.fs.file.impl",
+    classes = etl.local_fs_classes()
+    if classes:
+        builder = builder.config("spark.driver.extraClassPath", classes).config("spark.hadoop.fs.file.impl",
                                                                           etl.LOCAL_FS_CLASS)
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")

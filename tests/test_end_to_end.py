@@ -131,7 +131,7 @@ def test_local_file_system_sets_ordinary_permissions_and_writes_no_checksum_file
     assert stat.S_IMODE(os.stat(part).st_mode) == 0o644
     assert stat.S_IMODE(os.stat(os.path.dirname(part)).st_mode) == 0o755
     # FastLocalFileSystem (built where javac exists, as here) writes no .crc file beside each file
-    assert etl.local_fs_jar(), "javac is on this machine, so FastLocalFileSystem.java must build"
+    assert etl.local_fs_classes(), "javac is on this machine, so FastLocalFileSystem.java must build"
     assert [f for _, _, fs in os.walk(sample_lake) for f in fs if f.endswith(".crc")] == []
 
 
@@ -314,3 +314,17 @@ def test_a_line_holding_an_event_and_more_text_is_rejected_whole_and_the_summary
                for ln in f.read_text().splitlines()]
     assert rejects == [{"input": "log_data", "file": str(day), "reason": "more than one JSON value on the line",
                         "line": last + '{"artist": "Broken", "song": "Half'}]
+
+
+@pytest.mark.slow
+def test_spark_submit_with_a_local_master_runs_the_job_as_python_does(spark, tmp_path, sample_lake):
+    from conftest import table_rows
+
+    submit = os.path.join(os.path.dirname(sys.executable), "spark-submit")
+    env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable)
+    out = tmp_path / "lake"
+    r = subprocess.run([submit, "--master", "local[2]", os.path.join(ROOT, "etl.py"), "--output", str(out)],
+                       env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "checks: 20 of 20 passed" in r.stdout
+    assert table_rows(spark, out) == table_rows(spark, sample_lake)

@@ -227,15 +227,16 @@ def test_rerun_on_s3_replaces_every_object_and_cleans_a_killed_runs_working_fold
 def test_a_working_folder_without_room_is_named_with_the_option_that_moves_it(spark, s3, sample_bucket,
                                                                             monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(etl.shutil, "disk_usage", lambda path: etl.shutil._ntuple_diskusage(10**9, 10**9, 10**6))
-    args = ["--input", f"s3://{sample_bucket}/input", "--output", str(tmp_path / "out"), "--work-dir", str(tmp_path)]
+    work = tmp_path / "work"
+    args = ["--input", f"s3://{sample_bucket}/input", "--output", str(tmp_path / "out"), "--work-dir", str(work)]
     monkeypatch.setenv("S3_ENDPOINT_URL", s3.endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
     assert etl.main(args, spark=spark) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"etl.py: error: the working folder {tmp_path} has 0.0 GB free") and "\n" not in err
+    assert err.startswith(f"etl.py: error: the working folder {work} has 0.0 GB free") and "\n" not in err
     assert "--work-dir DIR or set SPARKIFY_WORK_DIR" in err
-    assert list(tmp_path.iterdir()) == []
+    assert list(work.iterdir()) == []
 
 
 def test_failed_check_on_s3_uploads_nothing_and_leaves_no_working_folder(spark, s3, sample_bucket, s3_lake,
@@ -310,8 +311,8 @@ import sys, time
 sys.path.insert(0, sys.argv[1])
 import etl
 cfg = etl.load_config(["--output", sys.argv[2]])
-# the lock a cluster run (EMR) takes: boto3's conditional write beside its connector's output
-store = etl.lock_store(None, cfg, object())
+# the output's store on every code path (a cluster's too): boto3, the lock a conditional write
+store = etl.open_store(cfg)
 assert isinstance(store, etl.S3Store)
 try:
     etl.take_lock(store, cfg, sys.argv[3])
@@ -406,3 +407,27 @@ def test_analytics_reads_a_lake_on_s3(spark, s3, sample_bucket, s3_lake, sample_
         monkeypatch.setenv(key, value)
     on_s3 = analytics.run_queries(spark, f"s3://{sample_bucket}/{s3_lake}")
     assert on_s3 == analytics.run_queries(spark, sample_lake)
+
+
+def test_a_clusters_staged_tables_are_copied_into_place_on_s3_manifest_last(s3, sample_bucket, sample_lake):
+    """The cluster path without a cluster: Spark there writes the tables under
+    <output>/_staging/<run id>/ through its connector (here uploaded with boto3 instead); the
+    publish copies them into place within S3, writes the manifest, and deletes what they replace."""
+    prefix = f"cluster-{uuid.uuid4().hex[:8]}"
+    out = f"s3://{sample_bucket}/{prefix}"
+    cfg = s3_cfg(s3, sample_bucket, prefix)
+    staged = etl.LocalStore(sample_lake)
+    keys = [k for name in (*etl.TABLES, "_state/users") for k in staged.list(name)]
+    etl.upload(s3.client(), sample_bucket, [(staged.path(k), f"{prefix}/_staging/r1/{k}") for k in keys], {})
+    old = f"{prefix}/songs/year=0/artist_id=AR0/part-old.parquet"
+    s3.client().put_object(Bucket=sample_bucket, Key=old, Body=b"an earlier run's file")
+    store = etl.open_store(cfg)
+    with open(os.path.join(sample_lake, "_manifest.json")) as f:
+        manifest = {"run_id": "r1", "rows": {t: v["rows"] for t, v in json.load(f)["tables"].items()}}
+    partitions = {t: {"year=2018/month=11": manifest["rows"][t]} for t in etl.MONTHLY_TABLES}
+    final = etl.publish(store, etl.S3Store(cfg, f"{out}/_staging/r1"), f"{out}/_staging/r1", manifest, {}, [],
+                        partitions)
+    after = objects(s3, sample_bucket, prefix)
+    assert old not in after and f"{prefix}/{etl.JOURNAL}" not in after
+    assert {k for k in after if "/_staging/" not in k and "/_state/" not in k} == published_keys(final, prefix)
+    assert manifest_of(s3, sample_bucket, prefix)["tables"]["songs"]["rows"] == 71
