@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyspark
+from pyspark import StorageLevel
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -76,9 +77,7 @@ class CheckFailed(Exception):
     """A data quality check failed: nothing is published, exit 1."""
 
 
-# --------------------------------------------------------------------------------------------
-# Configuration and command line
-# --------------------------------------------------------------------------------------------
+# ==== Configuration and command line ====
 
 
 @dataclass
@@ -258,9 +257,7 @@ def load_config(argv: Sequence[str] | None = None, environ: dict | None = None) 
     return c
 
 
-# --------------------------------------------------------------------------------------------
-# Paths and S3
-# --------------------------------------------------------------------------------------------
+# ==== Paths and S3 ====
 
 
 def is_s3(path: str) -> bool:
@@ -429,9 +426,7 @@ def parallel_map(fn, items: Sequence) -> list:
         return list(pool.map(fn, items))
 
 
-# --------------------------------------------------------------------------------------------
-# The Spark session
-# --------------------------------------------------------------------------------------------
+# ==== The Spark session ====
 
 
 def ensure_java() -> None:
@@ -611,9 +606,7 @@ def local_session(spark) -> bool:
     return spark.sparkContext.master.startswith("local")
 
 
-# --------------------------------------------------------------------------------------------
-# Extract: explicit schemas, one parse path, rejects
-# --------------------------------------------------------------------------------------------
+# ==== Extract: explicit schemas, one parse path, rejects ====
 
 
 def song_schema():
@@ -681,9 +674,13 @@ def files_under(top: str) -> list:
 
 
 def read_lines(spark, paths: Sequence[str]):
-    """Every line of the .json files under paths, with its file."""
-    return (spark.read.option("recursiveFileLookup", "true").option("pathGlobFilter", "*.json")
-            .text(list(paths)).select(F.col("value").alias("line"), F.col("_metadata.file_path").alias("_file")))
+    """Every line of the .json files under paths, with its file.  Each file is read whole and
+    split here (at LF, CR LF or CR): a line reader per file costs far more on thousands of small
+    song files.  A file must fit in a task's memory (Spark refuses one over 2 GB)."""
+    files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+             .option("pathGlobFilter", "*.json").load(list(paths)))
+    text = F.decode("content", "UTF-8")
+    return files.select(F.explode(F.split(text, r"\r\n|\r|\n")).alias("line"), F.col("path").alias("_file"))
 
 
 def parse_lines(lines, schema):
@@ -781,9 +778,7 @@ def extract(spark, root: str, shown_root: str, months: Sequence[str], listed: di
     return Extracted(good["songs"], in_months_only(good["logs"], months), rejects, counts, listed)
 
 
-# --------------------------------------------------------------------------------------------
-# Transform: the five tables, each a DataFrame -> DataFrame function
-# --------------------------------------------------------------------------------------------
+# ==== Transform: the five tables, each a DataFrame -> DataFrame function ====
 
 
 def _completeness(*cols):
@@ -945,9 +940,7 @@ def in_months_only(df, months: Sequence[str], ts_col: str = "ts"):
     return df.filter(F.format_string("%04d-%02d", parts["year"], parts["month"]).isin(list(months)))
 
 
-# --------------------------------------------------------------------------------------------
-# Quality checks
-# --------------------------------------------------------------------------------------------
+# ==== Quality checks ====
 
 
 @dataclass
@@ -1049,9 +1042,7 @@ def run_checks(stats: dict) -> list:
 
 
 
-# --------------------------------------------------------------------------------------------
-# Load: stage, publish with a journal and the manifest last, one writer at a time
-# --------------------------------------------------------------------------------------------
+# ==== Load: stage, publish with a journal and the manifest last, one writer at a time ====
 
 
 # Up to this many rows a table is written by one task without a shuffle: one file per partition
@@ -1282,13 +1273,11 @@ def publish(store, staged_store, staged: str, manifest: dict, previous: dict, mo
     roll back or complete an interrupted publish.  Returns the manifest as written."""
     new, old, tables = [], [], {}
     for name in (*TABLES, *EXTRAS):
-        added, existing = staged_store.list(name), store.list(name)
+        added, existing, kept = staged_store.list(name), store.list(name), []
         if months and name in MONTHLY_TABLES:  # replace only the month directories written
             dirs = {k.rsplit("/", 1)[0] for k in added}
+            kept = [k for k in existing if k.rsplit("/", 1)[0] not in dirs]
             existing = [k for k in existing if k.rsplit("/", 1)[0] in dirs]
-            kept = sorted(set(store.list(name)) - set(existing))
-        else:
-            kept = []
         new += added
         old += existing
         if name in TABLES:
@@ -1345,13 +1334,10 @@ def copy_input(cfg: Config, stages) -> tuple:
     client = s3_client(cfg)
     bucket, prefix = split_s3(cfg.input)
     base = f"{prefix}/" if prefix else ""
-    wanted = ["song_data"] + ([f"log_data/{m}" for m in month_folders(cfg.months)] if cfg.months else [])
-    objects = {}
-    for folder in wanted:
+    objects = list_objects(client, bucket, f"{base}song_data/")
+    for folder in [f"log_data/{m}" for m in month_folders(cfg.months)]:
         objects.update(list_objects(client, bucket, f"{base}{folder}/"))
-    if cfg.months and not any(k.startswith(f"{base}log_data/") for k in objects):
-        objects.update(list_objects(client, bucket, f"{base}log_data/"))  # not a year/month layout
-    elif not cfg.months:
+    if not any(k.startswith(f"{base}log_data/") for k in objects):  # every month, or no year/month layout
         objects.update(list_objects(client, bucket, f"{base}log_data/"))
     keys = [k for k in objects if k.endswith(".json") and not any(hidden(p) for p in k[len(base):].split("/"))]
     # The copy, the staged tables (about as large) and a margin; 4 KB a file for small files' blocks.
@@ -1371,9 +1357,7 @@ def copy_previous(store: S3Store, work: str) -> str:
     return dest
 
 
-# --------------------------------------------------------------------------------------------
-# The run: extract -> transform -> check -> load
-# --------------------------------------------------------------------------------------------
+# ==== The run: extract -> transform -> check -> load ====
 
 
 class Stages:
@@ -1494,9 +1478,9 @@ def transform(x: Extracted, old_users, old_rejects, tolerance: float) -> tuple:
     play_rows = plays(events)
     tables = {"songplays": songplays_table(play_rows, records, tolerance), "users": ustate.select(*USER_COLS),
               "songs": songs_table(records), "artists": artists_table(x.songs)}
-    # Computed once and cut from their lineage, so that the checks and writes plan small queries.
-    tables = {name: df.localCheckpoint(eager=False) for name, df in tables.items()}
-    tables["time"] = time_table(tables["songplays"]).localCheckpoint(eager=False)
+    tables["time"] = time_table(tables["songplays"])
+    # Computed once, by the checks' query, for the checks and the writes.
+    tables = {name: df.persist(StorageLevel.MEMORY_AND_DISK) for name, df in tables.items()}
     # _rejects/ is written only when there are rejects (an empty file would be one to skip).
     rejects = x.rejects if any(c["rejected"] for c in x.counts.values()) else None
     if old_rejects is not None:
@@ -1579,9 +1563,7 @@ def print_summary(r: Run, counts: dict, files: dict, rejects: dict, checks: list
     print("\n".join(lines), file=out or sys.stdout, flush=True)
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
+# ==== Command line ====
 
 
 def setup_logging(level: str) -> None:
