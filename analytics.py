@@ -100,7 +100,7 @@ def readable_lake(spark, cfg, lake: str, tables: Sequence[str]):
             raise etl.UsageError(f"{lake} is not a Sparkify lake (no {etl.MANIFEST}); run etl.py "
                                  f"--output {lake} first, or pass --lake PATH")
         keys = [store.key(k) for t in tables for k in store.list(t)] + [store.key(etl.MANIFEST)]
-        etl.download(store.client, store.bucket, keys, store.prefix, work)
+        etl.transfer(cfg, "download", store.bucket, keys, store.prefix, work)
         yield work
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -24,6 +24,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import re
 import shutil
@@ -34,7 +35,8 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
 import pyspark
@@ -416,6 +418,23 @@ def delete_objects(client, bucket: str, keys: Sequence[str]) -> None:
             raise OSError(f"could not delete s3://{bucket}/{e.get('Key')}: {e.get('Code')} {e.get('Message', '')}")
     keys = sorted(keys)
     parallel_map(delete, [keys[i:i + 1000] for i in range(0, len(keys), 1000)])
+
+
+def transfer(cfg: Config, kind: str, bucket: str, items: list, *args) -> None:
+    """download or upload (kind) items with many requests in flight; thousands of them over a
+    process per core, each with its own client (boto3's per-request work holds Python's GIL, so
+    one process tops out at one core)."""
+    procs = min(8, os.cpu_count() or 1) if len(items) >= 2000 else 1
+    if procs == 1:
+        return _transfer_part((cfg, kind, bucket, items, args))
+    spawn = multiprocessing.get_context("spawn")  # not fork: this process holds the JVM's sockets and threads
+    with ProcessPoolExecutor(procs, mp_context=spawn) as pool:
+        list(pool.map(_transfer_part, [(cfg, kind, bucket, items[i::procs], args) for i in range(procs)]))
+
+
+def _transfer_part(job: tuple) -> None:
+    cfg, kind, bucket, items, args = job
+    {"download": download, "upload": upload}[kind](s3_client(cfg), bucket, items, *args)
 
 
 def parallel_map(fn, items: Sequence) -> list:
@@ -1144,7 +1163,7 @@ class S3Store:
     are conditional writes: a second writer's request fails instead of overwriting."""
 
     def __init__(self, cfg: Config, url: str):
-        self.bucket, self.prefix = split_s3(url)
+        self.cfg, (self.bucket, self.prefix) = cfg, split_s3(url)
         self.client, self.args = s3_client(cfg), put_args(cfg)
         self.etags = {}  # key -> ETag when read (None: it did not exist)
 
@@ -1192,8 +1211,8 @@ class S3Store:
         """Upload staged files (under the local folder staged), or copy them within S3 (staged
         by a cluster under the S3 URL staged)."""
         if not is_s3(staged):
-            upload(self.client, self.bucket, [(os.path.join(staged, *k.split("/")), self.key(k)) for k in keys],
-                   self.args)
+            pairs = [(os.path.join(staged, *k.split("/")), self.key(k)) for k in keys]
+            transfer(self.cfg, "upload", self.bucket, pairs, self.args)
             return
         bucket, prefix = split_s3(staged)
         parallel_map(lambda k: self.client.copy_object(
@@ -1343,7 +1362,7 @@ def copy_input(cfg: Config, stages) -> tuple:
     # The copy, the staged tables (about as large) and a margin; 4 KB a file for small files' blocks.
     need = 2 * sum(objects[k] + 4096 for k in keys) + 2**28
     work = work_folder(cfg, need)
-    stages.run("copy input", download, client, bucket, keys, prefix, os.path.join(work, "input"))
+    stages.run("copy input", transfer, cfg, "download", bucket, keys, prefix, os.path.join(work, "input"))
     listed = {name: sorted(k[len(base):] for k in keys if k.startswith(f"{base}{name}/"))
               for name in ("song_data", "log_data")}
     return work, os.path.join(work, "input"), listed
@@ -1353,7 +1372,7 @@ def copy_previous(store: S3Store, work: str) -> str:
     """A local copy of the output's users state and rejects, which an incremental run merges."""
     keys = [store.key(k) for name in EXTRAS for k in store.list(name)]
     dest = os.path.join(work, "previous")
-    download(store.client, store.bucket, keys, store.prefix, dest)
+    transfer(store.cfg, "download", store.bucket, keys, store.prefix, dest)
     return dest
 
 
@@ -1391,12 +1410,13 @@ class Run:
     work: str | None = None  # the private working folder, when the run needs one
     counts: dict = field(default_factory=dict)
     checks: list = field(default_factory=list)
+    pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="sparkify"))
 
 
 def run(cfg: Config, spark) -> int:
     """The whole job on a session: extract, transform, check, load, summarize."""
     cfg.input, cfg.output = normalize_path(cfg.input), normalize_path(cfg.output)
-    r = Run(cfg, spark, store=open_store(cfg))
+    r, verdict = Run(cfg, spark, store=open_store(cfg)), None
     if not cfg.dry_run:
         take_lock(r.store, cfg, r.id)
     try:
@@ -1406,16 +1426,22 @@ def run(cfg: Config, spark) -> int:
         previous = {} if cfg.dry_run else json.loads(r.store.read(MANIFEST) or "{}")
         old_users, old_rejects = read_previous(r, x)
         tables, extras, play_rows = transform(x, old_users, old_rejects, cfg.duration_tolerance)
-        counts, checks = check(r, x, tables, play_rows)
-        published = {} if cfg.dry_run else load(r, x, tables, extras, previous)
+        # The checks' query runs while the tables are staged; nothing is published before it passes.
+        verdict = r.pool.submit(check, r, x, tables, play_rows)
+        published = {} if cfg.dry_run else load(r, x, tables, extras, previous, verdict)
+        counts, checks = verdict.result()
         counts.update({name: t["rows"] for name, t in published.items()})
         files = {name: len(t["files"]) for name, t in published.items()}
         print_summary(r, counts, files, x.counts, checks)
         return EXIT_OK
     except BaseException:
+        while verdict and not verdict.done():  # a query not yet submitted when the first cancel came
+            spark.sparkContext.cancelAllJobs()
+            wait_futures([verdict], timeout=0.5)
         spark.sparkContext.cancelAllJobs()
         raise
     finally:
+        r.pool.shutdown()
         if r.work:
             shutil.rmtree(r.work, ignore_errors=True)
         if not cfg.dry_run:  # what a run staged is never needed again, published or not
@@ -1507,8 +1533,9 @@ def workspace(r: Run) -> str:
     return r.work
 
 
-def load(r: Run, x: Extracted, tables: dict, extras: dict, previous: dict) -> dict:
-    """Stage every table, then publish; returns the published manifest's tables."""
+def load(r: Run, x: Extracted, tables: dict, extras: dict, previous: dict, verdict) -> dict:
+    """Stage every table, then, once the checks' verdict has passed, publish; returns the
+    published manifest's tables."""
     cfg = r.cfg
     if is_s3(cfg.output) and local_session(r.spark):  # staged on local disk, then uploaded
         staged = os.path.join(workspace(r), "output")
@@ -1519,6 +1546,7 @@ def load(r: Run, x: Extracted, tables: dict, extras: dict, previous: dict) -> di
     songs_in, logs_in = x.counts["song_data"]["records"], x.counts["log_data"]["records"]
     bounds = {"songplays": logs_in, "time": logs_in, "users": logs_in, "songs": songs_in, "artists": songs_in}
     r.stages.run("write tables", write_all, tables, extras, write_root, bounds, r.stages)
+    verdict.result()  # CheckFailed: nothing is published
     partition_rows = {name: {f"year={row['year']}/month={row['month']}": row["count"]
                              for row in tables[name].groupBy("year", "month").count().collect()}
                       for name in MONTHLY_TABLES}
