@@ -1445,7 +1445,7 @@ def run(cfg: Config, spark) -> int:
         if r.work:
             shutil.rmtree(r.work, ignore_errors=True)
         if not cfg.dry_run:  # what a run staged is never needed again, published or not
-            if not r.work:
+            if not uploads(r):
                 r.store.clear("_staging")
             r.store.delete([LOCK])
 
@@ -1484,8 +1484,7 @@ def read_previous(r: Run, x: Extracted) -> tuple:
     cfg, spark = r.cfg, r.spark
     if not cfg.months or cfg.dry_run:
         return None, None
-    local_copy = is_s3(cfg.output) and local_session(spark)
-    root = copy_previous(r.store, workspace(r)) if local_copy else spark_url(cfg.output)
+    root = copy_previous(r.store, workspace(r)) if uploads(r) else spark_url(cfg.output)
     users = spark.read.parquet(f"{root}/_state/users") if r.store.list("_state/users") else None
     if not r.store.list("_rejects"):
         return users, None
@@ -1527,6 +1526,11 @@ def check(r: Run, x: Extracted, tables: dict, play_rows) -> tuple:
     return counts, checks
 
 
+def uploads(r: Run) -> bool:
+    """Whether the tables are staged on this machine's disk and uploaded (S3 output, local session)."""
+    return is_s3(r.cfg.output) and local_session(r.spark)
+
+
 def workspace(r: Run) -> str:
     if r.work is None:
         r.work = work_folder(r.cfg, 2**28)
@@ -1537,7 +1541,7 @@ def load(r: Run, x: Extracted, tables: dict, extras: dict, previous: dict, verdi
     """Stage every table, then, once the checks' verdict has passed, publish; returns the
     published manifest's tables."""
     cfg = r.cfg
-    if is_s3(cfg.output) and local_session(r.spark):  # staged on local disk, then uploaded
+    if uploads(r):
         staged = os.path.join(workspace(r), "output")
     else:  # staged beside the output, then moved (or copied within S3) into place
         staged = f"{cfg.output}/_staging/{r.id}"

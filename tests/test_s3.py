@@ -431,3 +431,13 @@ def test_a_clusters_staged_tables_are_copied_into_place_on_s3_manifest_last(s3, 
     assert old not in after and f"{prefix}/{etl.JOURNAL}" not in after
     assert {k for k in after if "/_staging/" not in k and "/_state/" not in k} == published_keys(final, prefix)
     assert manifest_of(s3, sample_bucket, prefix)["tables"]["songs"]["rows"] == 71
+
+
+def test_s3_input_to_a_local_output_leaves_no_staging_and_no_working_folder(spark, s3, sample_bucket, sample_lake,
+                                                                            tmp_path):
+    cfg = s3_cfg(s3, sample_bucket, "unused", "--work-dir", str(tmp_path / "work"))
+    cfg.output = str(tmp_path / "lake")
+    assert etl.run(cfg, spark) == 0
+    assert table_rows(spark, cfg.output) == table_rows(spark, sample_lake)
+    assert sorted(os.listdir(cfg.output)) == sorted([*etl.TABLES, "_manifest.json", "_state"])
+    assert os.listdir(tmp_path / "work") == []
