@@ -765,17 +765,15 @@ def extract(spark, root: str, shown_root: str, months: Sequence[str], listed: di
     """Read song_data and log_data under root once; count lines and rejects in one query.
     shown_root: how the user named the input (root may be a local copy of it).  listed: the
     files under root per input, relative to it (listed here when root is local)."""
-    log_dirs = [f"log_data/{m}" for m in month_folders(months)] if months else ["log_data"]
     if listed is None:
         listed = {name: [f"{name}/{f}" for f in files_under(f"{root}/{name}") if f.endswith(".json")]
                   for name in ("song_data", "log_data")}
-    if months:  # without a year/month layout: every file, filtered by month below
-        in_months = [f for f in listed["log_data"] if any(f.startswith(d + "/") for d in log_dirs)]
-        if in_months:
-            listed["log_data"] = in_months
-            log_dirs = sorted({d for d in log_dirs if any(f.startswith(d + "/") for f in in_months)})
-        else:
-            log_dirs = ["log_data"]
+    wanted = tuple(f"log_data/{m}/" for m in month_folders(months))
+    in_months = [f for f in listed["log_data"] if f.startswith(wanted)] if months else []
+    log_dirs = ["log_data"]  # without --months, or without a year/month layout: every file
+    if in_months:
+        listed["log_data"] = in_months
+        log_dirs = sorted({"/".join(f.split("/")[:3]) for f in in_months})
     for name, files in listed.items():
         if not files:
             raise UsageError(f"no .json files under {shown_root}/{name}; check --input")
