@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Deterministic Sparkify input generator for benchmarks (SPEC §2 layouts), streaming to disk.
+"""Deterministic Sparkify input generator for benchmarks (the layouts of song_data/ and log_data/), streaming to disk.
 
     python bench/generate.py OUT --songs 10000 --events 1000000 [--days 30] [--seed 1]
 

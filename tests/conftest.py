@@ -14,7 +14,6 @@ sys.path.insert(0, ROOT)
 
 import etl  # noqa: E402
 
-SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 SAMPLE = os.path.join(ROOT, "data")
 NON_UTC = "America/Los_Angeles"
 

@@ -1,4 +1,4 @@
-"""SPEC §6: nothing lost, nothing half-written, safe to rerun, one writer at a time."""
+"""Reliability: nothing lost, nothing half-written, safe to rerun, one writer at a time."""
 from __future__ import annotations
 
 import json
@@ -53,7 +53,7 @@ def previous(good_lake, tmp_path):
     return out
 
 
-# ---- §6.3 bad input
+# ---- bad input
 
 
 def test_malformed_lines_are_rejected_with_their_raw_text_and_good_rows_load(spark, tmp_path):
@@ -102,7 +102,7 @@ def test_too_many_bad_records_exit_1_and_write_nothing(spark, tmp_path, capsys):
     assert main(spark, "--input", inp, "--output", out, "--max-bad-fraction", "0.05") == 0
 
 
-# ---- §6.4 quality gate
+# ---- quality gate
 
 
 def test_failed_quality_check_exits_1_names_it_and_keeps_previous_output(spark, previous, monkeypatch, capsys):
@@ -122,7 +122,7 @@ def test_failed_quality_check_exits_1_names_it_and_keeps_previous_output(spark, 
     assert not (previous / "_staging").exists() and not (previous / "_lock.json").exists()
 
 
-# ---- §6.1 and §6.2 idempotence and crash safety
+# ---- idempotence and crash safety
 
 
 def test_failure_while_writing_leaves_previous_output_unchanged(spark, previous, monkeypatch):
@@ -208,7 +208,7 @@ def test_two_runs_on_the_same_input_give_identical_tables(spark, good_lake, tmp_
     assert table_rows(spark, out) == table_rows(spark, good_lake)
 
 
-# ---- §6.5 incremental runs
+# ---- incremental runs
 
 
 def test_month_by_month_equals_one_full_run(spark, two_months, tmp_path, capsys):
@@ -287,7 +287,7 @@ def test_rerunning_one_month_replaces_only_that_month(spark, two_months, tmp_pat
     assert read_tables(spark, out)["songplays"].count() == 6820
 
 
-# ---- §6.6 one writer at a time
+# ---- one writer at a time
 
 
 def test_second_concurrent_run_is_refused(spark, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Unit tests of the §3 rules on small inline DataFrames."""
+"""Unit tests of the table rules on small inline DataFrames."""
 from __future__ import annotations
 
 import datetime as dt
@@ -195,7 +195,7 @@ def test_every_table_matches_the_declared_schema(spark, events_df, songs_df):
         assert got == want, name
 
 
-# ---- §6.4 quality checks (one query for all of them)
+# ---- quality checks (one query for all of them)
 
 
 def check_tables(spark, **changes):
