@@ -1092,8 +1092,9 @@ def write_all(tables: dict, extras: dict, root: str, bounds: dict, stages) -> No
     cores = tables["songs"].sparkSession.sparkContext.defaultParallelism
     jobs = [(name, tables[name], PARTITIONS[name], {"rows": bounds[name]}) for name in TABLES]
     jobs[TABLES.index("songs")][3].update(tasks=cores, options=TINY_FILES_OPTIONS)
-    jobs += [("_state/users", extras["_state/users"], (), {}),
-             ("_rejects", extras["_rejects"], (), {"fmt": "json"})][: 2 if extras["_rejects"] is not None else 1]
+    jobs.append(("_state/users", extras["_state/users"], (), {}))
+    if extras["_rejects"] is not None:
+        jobs.append(("_rejects", extras["_rejects"], (), {"fmt": "json"}))
     with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="sparkify-write") as pool:
         futures = [pool.submit(stages.run, f"write {name}", write_table, df, f"{root}/{name}", parts, **kw)
                    for name, df, parts, kw in jobs]
