@@ -71,7 +71,7 @@ def register_views(spark, lake: str) -> None:
     if etl.is_local(lake) and not os.path.isfile(os.path.join(lake, etl.MANIFEST)):
         raise etl.UsageError(f"{lake} is not a Sparkify lake (no {etl.MANIFEST}); run etl.py "
                              f"--output {lake} first, or pass --lake PATH")
-    schemas = etl.output_schemas()
+    schemas = etl.OUTPUT_SCHEMAS
     for name in etl.TABLES:
         # Explicit schemas: no footer reads to infer them, and a table not copied down reads as empty.
         reader = spark.read.schema(schemas[name])

@@ -5,14 +5,11 @@
     python etl.py --input s3://bucket/raw --output s3://bucket/lake
     spark-submit etl.py --input s3://bucket/raw --output s3://bucket/lake   # on EMR
 
-A run reads song_data/ and log_data/ once with explicit schemas (lines that are not exactly one
-JSON object go to _rejects/), builds the five tables with pure DataFrame functions, checks them,
-stages them and publishes them with _manifest.json written last.  In a local session S3 is a
-remote store: the input is copied to a working folder, the job runs on local disk and the tables
-are uploaded.  On a cluster Spark reads and writes the URLs through the cluster's connector.
-Exit codes: 0 ok, 1 a data quality check failed, 2 usage, configuration or input error.
-
-One file, so that ``spark-submit etl.py`` needs no ``--py-files``.
+A run reads song_data/ and log_data/ once (lines that are not exactly one JSON object go to
+_rejects/), builds the five tables with pure DataFrame functions, checks them, stages them and
+publishes them with _manifest.json written last.  In a local session S3 is a remote store: the
+input is copied to a working folder and the tables uploaded.  On a cluster Spark reads and writes
+the URLs through the cluster's connector.  One file, so spark-submit needs no --py-files.
 """
 from __future__ import annotations
 
@@ -36,8 +33,8 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import pyspark
 from pyspark import StorageLevel
@@ -114,12 +111,9 @@ def month_arg(value: str) -> str:
 
 
 def number_arg(what: str, upper: float):
-    """An argparse type: a number from 0 to upper (inclusive for a fraction, exclusive for infinity)."""
+    """An argparse type: a finite number from 0 to upper."""
     def parse(value: str) -> float:
-        try:
-            f = float(value)
-        except ValueError:
-            f = -1.0
+        f = float(value) if re.fullmatch(r"\s*[0-9.eE+-]+\s*", value) else -1.0
         if not (0.0 <= f <= upper and f != float("inf")):
             raise argparse.ArgumentTypeError(f"{value!r} is not {what}")
         return f
@@ -180,12 +174,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Where each setting may come from besides its flag: (environment variable, dl.cfg section and key, ...).
+SOURCES = {
+    "input": ("SPARKIFY_INPUT", ("PATHS", "INPUT"), ("PATHS", "INPUT_DATA")),
+    "output": ("SPARKIFY_OUTPUT", ("PATHS", "OUTPUT"), ("PATHS", "OUTPUT_DATA")),
+    "work_dir": ("SPARKIFY_WORK_DIR", ("PATHS", "WORK_DIR")),
+    "duration_tolerance": (None, ("ETL", "DURATION_TOLERANCE")),
+    "max_bad_fraction": (None, ("ETL", "MAX_BAD_FRACTION")),
+    "log_level": (None, ("ETL", "LOG_LEVEL")),
+    "region": ("AWS_REGION", ("AWS", "REGION"), ("AWS", "AWS_REGION")),
+    "endpoint_url": ("S3_ENDPOINT_URL", ("AWS", "ENDPOINT_URL"), ("AWS", "S3_ENDPOINT_URL")),
+    "sse": ("SPARKIFY_SSE", ("AWS", "SSE")),
+    "sse_kms_key_id": ("SPARKIFY_SSE_KMS_KEY_ID", ("AWS", "SSE_KMS_KEY_ID")),
+    "acl": ("SPARKIFY_ACL", ("AWS", "ACL")),
+}
+
+
 def _cfg_get(cp: configparser.ConfigParser, *candidates: tuple) -> str | None:
     for section, key in candidates:
-        if cp.has_option(section, key):
-            value = cp.get(section, key).strip().strip("'\"")
-            if value:
-                return value
+        value = cp.get(section, key, fallback="").strip().strip("'\"")
+        if value:
+            return value
     return None
 
 
@@ -209,47 +218,27 @@ def load_config(argv: Sequence[str] | None = None, environ: dict | None = None) 
     """Command line > environment > config file > defaults."""
     args = build_parser().parse_args(argv)
     env = os.environ if environ is None else environ
-    c = Config()
+    c = Config(months=sorted(set(args.months or [])), dry_run=args.dry_run, force=args.force,
+               region=env.get("AWS_DEFAULT_REGION"))
     c.config_file, cp = read_config_file(args.config)
-
-    def pick(arg, env_key, *cfg_keys, default=None):
-        if arg is not None:
-            return arg
-        if env_key and env.get(env_key):
-            return env[env_key]
-        value = _cfg_get(cp, *cfg_keys)
-        return default if value is None else value
-
-    def checked(name, value, parse):
+    for name, (env_key, *cfg_keys) in SOURCES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            value = env.get(env_key) if env_key and env.get(env_key) else _cfg_get(cp, *cfg_keys)
+        if value is not None:
+            setattr(c, name, value)
+    for name, parse in (("duration_tolerance", seconds_arg), ("max_bad_fraction", fraction_arg)):
         try:
-            return parse(str(value))
-        except (argparse.ArgumentTypeError, ValueError) as e:
-            raise UsageError(f"{name}: {e}") from None
-
-    c.input = pick(args.input, "SPARKIFY_INPUT", ("PATHS", "INPUT"), ("PATHS", "INPUT_DATA"),
-                   default=DEFAULT_INPUT)
-    c.output = pick(args.output, "SPARKIFY_OUTPUT", ("PATHS", "OUTPUT"), ("PATHS", "OUTPUT_DATA"),
-                    default=DEFAULT_OUTPUT)
-    c.work_dir = pick(args.work_dir, "SPARKIFY_WORK_DIR", ("PATHS", "WORK_DIR"))
-    c.months = sorted(set(args.months or []))
-    c.duration_tolerance = checked("duration tolerance", pick(
-        args.duration_tolerance, None, ("ETL", "DURATION_TOLERANCE"), default=0.0), seconds_arg)
-    c.max_bad_fraction = checked("max bad fraction", pick(
-        args.max_bad_fraction, None, ("ETL", "MAX_BAD_FRACTION"), default=0.01), fraction_arg)
-    c.log_level = pick(args.log_level, None, ("ETL", "LOG_LEVEL"), default="INFO").upper()
+            setattr(c, name, parse(str(getattr(c, name))))
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"{name.replace('_', ' ')}: {e}") from None
+    c.log_level = c.log_level.upper()
     if c.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise UsageError(f"log level {c.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
-    c.dry_run, c.force = args.dry_run, args.force
-    c.region = pick(None, "AWS_REGION", ("AWS", "REGION"), ("AWS", "AWS_REGION"),
-                    default=env.get("AWS_DEFAULT_REGION"))
-    c.endpoint_url = pick(None, "S3_ENDPOINT_URL", ("AWS", "ENDPOINT_URL"), ("AWS", "S3_ENDPOINT_URL"))
-    c.sse = pick(args.sse, "SPARKIFY_SSE", ("AWS", "SSE"))
     if c.sse and c.sse not in SSE_CHOICES:
         raise UsageError(f"server-side encryption {c.sse!r} is not one of {', '.join(SSE_CHOICES)}")
-    c.sse_kms_key_id = pick(args.sse_kms_key_id, "SPARKIFY_SSE_KMS_KEY_ID", ("AWS", "SSE_KMS_KEY_ID"))
     if c.sse_kms_key_id and c.sse != "aws:kms":
         raise UsageError("an SSE-KMS key id needs --sse aws:kms (or SSE = aws:kms in dl.cfg)")
-    c.acl = pick(args.acl, "SPARKIFY_ACL", ("AWS", "ACL"))
     # Keys in dl.cfg are accepted for compatibility with the course template; the environment
     # wins (the credential chain reads it directly), so they are used only when it has none.
     if not env.get("AWS_ACCESS_KEY_ID"):
@@ -270,11 +259,6 @@ def is_local(path: str) -> bool:
     return "://" not in path or path.startswith("file:")
 
 
-def on_emr() -> bool:
-    """EMR nodes carry EMRFS, which serves s3:// itself."""
-    return os.path.isdir("/usr/share/aws/emr") or os.path.isfile("/mnt/var/lib/info/instance.json")
-
-
 def normalize_path(path: str) -> str:
     """Absolute local paths; URLs without a trailing slash."""
     if is_local(path):
@@ -283,8 +267,8 @@ def normalize_path(path: str) -> str:
 
 
 def spark_url(path: str) -> str:
-    """path as a cluster's Spark opens it: s3:// through EMRFS on EMR, s3a:// elsewhere."""
-    if is_s3(path) and not on_emr():
+    """path as a cluster's Spark opens it: s3:// through EMRFS on EMR (whose nodes carry it), s3a:// elsewhere."""
+    if is_s3(path) and not os.path.isdir("/usr/share/aws/emr"):
         return "s3a://" + path.split("://", 1)[1]
     return path
 
@@ -318,14 +302,8 @@ def s3_client(cfg: Config):
 
 def put_args(cfg: Config) -> dict:
     """PutObject arguments for every object the job writes: encryption and canned ACL."""
-    args = {}
-    if cfg.sse:
-        args["ServerSideEncryption"] = cfg.sse
-    if cfg.sse_kms_key_id:
-        args["SSEKMSKeyId"] = cfg.sse_kms_key_id
-    if cfg.acl:
-        args["ACL"] = cfg.acl
-    return args
+    args = {"ServerSideEncryption": cfg.sse, "SSEKMSKeyId": cfg.sse_kms_key_id, "ACL": cfg.acl}
+    return {k: v for k, v in args.items() if v}
 
 
 def describe_aws_error(e: BaseException, bucket: str = "", endpoint: str | None = None) -> str:
@@ -548,28 +526,15 @@ SMALL_INPUT_BYTES = 64 * 1024 * 1024
 
 
 def small_input(cfg: Config) -> bool:
-    """Whether the input is under SMALL_INPUT_BYTES: a local one is walked (stopping early); on
-    S3 log_data and the first 1,000 song objects are listed.  Unknown: not small."""
-    total = 0
-    try:
-        if is_local(cfg.input):
-            for d, _, names in os.walk(normalize_path(cfg.input)):
-                total += sum(os.path.getsize(os.path.join(d, n)) for n in names)
-                if total >= SMALL_INPUT_BYTES:
-                    return False
-            return True
-        bucket, prefix = split_s3(cfg.input)
-        pages = s3_client(cfg).get_paginator("list_objects_v2")
-        for name, most in (("log_data", None), ("song_data", 1000)):
-            for page in pages.paginate(Bucket=bucket, Prefix=f"{prefix}/{name}/".lstrip("/"),
-                                       PaginationConfig={"MaxItems": most}):
-                total += sum(o["Size"] for o in page.get("Contents", []))
-                if total >= SMALL_INPUT_BYTES:
-                    return False
-        return True
-    except Exception as e:  # a tuning hint only; the run itself reports access problems
-        log.debug("input size unknown: %s", e)
+    """Whether the input is a local folder under SMALL_INPUT_BYTES (walked, stopping early)."""
+    if not is_local(cfg.input):
         return False
+    total = 0
+    for d, _, names in os.walk(normalize_path(cfg.input)):
+        total += sum(os.path.getsize(os.path.join(d, n)) for n in names)
+        if total >= SMALL_INPUT_BYTES:
+            return False
+    return True
 
 
 def local_driver_memory() -> str:
@@ -645,23 +610,15 @@ def log_schema():
         ("userAgent", s), ("userId", s), (CORRUPT, s))])
 
 
-def output_schemas() -> dict:
-    """Every table's columns and types, partition columns included."""
-    s, L, i, d, ts = T.StringType(), T.LongType(), T.IntegerType(), T.DoubleType(), T.TimestampType()
-
-    def struct(*cols):
-        return T.StructType([T.StructField(n, t) for n, t in cols])
-
-    return {
-        "songplays": struct(("songplay_id", L), ("start_time", ts), ("user_id", L), ("level", s),
-                            ("song_id", s), ("artist_id", s), ("session_id", L), ("location", s),
-                            ("user_agent", s), ("year", i), ("month", i)),
-        "users": struct(("user_id", L), ("first_name", s), ("last_name", s), ("gender", s), ("level", s)),
-        "songs": struct(("song_id", s), ("title", s), ("artist_id", s), ("year", i), ("duration", d)),
-        "artists": struct(("artist_id", s), ("name", s), ("location", s), ("latitude", d), ("longitude", d)),
-        "time": struct(("start_time", ts), ("hour", i), ("day", i), ("week", i), ("month", i),
-                       ("year", i), ("weekday", i)),
-    }
+# Every table's columns and types, partition columns included.
+OUTPUT_SCHEMAS = {
+    "songplays": "songplay_id bigint, start_time timestamp, user_id bigint, level string, song_id string, "
+                 "artist_id string, session_id bigint, location string, user_agent string, year int, month int",
+    "users": "user_id bigint, first_name string, last_name string, gender string, level string",
+    "songs": "song_id string, title string, artist_id string, year int, duration double",
+    "artists": "artist_id string, name string, location string, latitude double, longitude double",
+    "time": "start_time timestamp, hour int, day int, week int, month int, year int, weekday int",
+}
 
 
 def month_folders(months: Sequence[str]) -> list:
@@ -737,15 +694,6 @@ def tag_rejects(parsed, required: Sequence[str], rules=()):
             .withColumn("line", F.when(bad, F.col("line"))).withColumn("_file", F.when(bad, F.col("_file"))))
 
 
-def tag_songs(parsed):
-    return tag_rejects(parsed, ("song_id", "artist_id"))
-
-
-def tag_logs(parsed):
-    in_range = F.col("ts").isNull() | F.col("ts").between(0, MAX_TS_MS)
-    return tag_rejects(parsed, ("ts",), [(in_range, "ts out of range")])
-
-
 def rejects_of(tagged, source: str, root: str, shown_root: str):
     """The rejected lines: input, file (under shown_root, the input as the user named it), reason, line."""
     local = F.regexp_replace("_file", "^file:(//)?", "")
@@ -782,8 +730,10 @@ def extract(spark, root: str, shown_root: str, months: Sequence[str], listed: di
         if not files:
             raise UsageError(f"no .json files under {shown_root}/{name}; check --input")
     base = root.rstrip("/")
-    songs = tag_songs(parse_lines(read_lines(spark, [f"{base}/song_data"]), song_schema()))
-    logs = tag_logs(parse_lines(read_lines(spark, [f"{base}/{d}" for d in log_dirs]), log_schema()))
+    songs = tag_rejects(parse_lines(read_lines(spark, [f"{base}/song_data"]), song_schema()), ("song_id", "artist_id"))
+    in_range = F.col("ts").isNull() | F.col("ts").between(0, MAX_TS_MS)
+    logs = tag_rejects(parse_lines(read_lines(spark, [f"{base}/{d}" for d in log_dirs]), log_schema()), ("ts",),
+                       [(in_range, "ts out of range")])
     songs, logs = (df.localCheckpoint(eager=False) for df in (songs, logs))
     tally = (songs.select(F.lit("song_data").alias("input"), "_reason")
              .unionByName(logs.select(F.lit("log_data").alias("input"), "_reason"))
@@ -964,8 +914,7 @@ def in_months_only(df, months: Sequence[str], ts_col: str = "ts"):
 # ==== Quality checks ====
 
 
-@dataclass
-class CheckResult:
+class CheckResult(NamedTuple):
     name: str
     ok: bool
     detail: str = ""
@@ -986,13 +935,9 @@ def _key_parts(df, key):
 
 
 def check_stats(tables: dict, play_rows) -> dict:
-    """Everything the quality checks need, in one Spark query (separate counts, distinct counts
-    and anti-joins of every table would be dozens of jobs).  Computes the persisted tables.
-
-    Every table contributes its key ("own" rows); songplays also contributes each foreign key
-    under its parent's name ("ref" rows); the plays contribute one row each under "plays".
-    Grouped by (check, key) and then by check: rows, null keys, extra rows of duplicated keys
-    with an example, and referenced keys missing from the parent with an example.
+    """Everything the checks need in one query (not dozens of counts and anti-joins); it computes
+    the persisted tables.  Every table gives its keys, songplays also each foreign key under its
+    parent's name (ref 1), the plays a row each; grouped by (check, key), then by check.
     Returns {check: {rows, nulls, dups, dup_example, orphans, orphan_example}}."""
     own = F.lit(0).alias("ref")
     parts = [tables[name].select(F.lit(name).alias("check"), *_key_parts(tables[name], KEYS[name]), own)
@@ -1076,9 +1021,9 @@ TINY_FILES_OPTIONS = {"compression": "none", "parquet.enable.dictionary": "false
 
 def write_table(df, path: str, partition_by: Sequence[str], rows: int | None = None,
                 tasks: int | None = None, options: dict | None = None, fmt: str = "parquet") -> None:
-    """One file per partition directory (one file for an unpartitioned table).  rows (an upper
-    bound), when small, lets one task write the table; tasks spreads a table of thousands of
-    partition directories over that many tasks, each directory in one."""
+    """One file per partition directory (one file for an unpartitioned table).  rows, when few,
+    lets one task write the table; tasks spreads a table of thousands of partition directories
+    over that many tasks, each directory in one."""
     cols = [F.col(c) for c in partition_by]
     if tasks and partition_by:
         out = df.repartition(tasks, *cols).sortWithinPartitions(*partition_by, df.columns[0])
@@ -1090,11 +1035,11 @@ def write_table(df, path: str, partition_by: Sequence[str], rows: int | None = N
     writer.format(fmt).save(path)
 
 
-def write_all(tables: dict, extras: dict, root: str, bounds: dict, stages) -> None:
+def write_all(tables: dict, extras: dict, root: str, rows: dict, stages) -> None:
     """Every table, the users state and the rejects under root, as concurrent Spark jobs (a
     job's single-task stages leave cores another job can use)."""
     cores = tables["songs"].sparkSession.sparkContext.defaultParallelism
-    jobs = [(name, tables[name], PARTITIONS[name], {"rows": bounds[name]}) for name in TABLES]
+    jobs = [(name, tables[name], PARTITIONS[name], {"rows": rows[name]}) for name in TABLES]
     jobs[TABLES.index("songs")][3].update(tasks=cores, options=TINY_FILES_OPTIONS)
     jobs.append(("_state/users", extras["_state/users"], (), {}))
     if extras["_rejects"] is not None:
@@ -1386,8 +1331,7 @@ class Stages:
     """Times stages and logs one line per stage with its elapsed time."""
 
     def __init__(self):
-        self.t0 = time.perf_counter()
-        self.seconds = {}
+        self.t0, self.seconds = time.perf_counter(), {}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -1413,13 +1357,12 @@ class Run:
     work: str | None = None  # the private working folder, when the run needs one
     counts: dict = field(default_factory=dict)
     checks: list = field(default_factory=list)
-    pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="sparkify"))
 
 
 def run(cfg: Config, spark) -> int:
     """The whole job on a session: extract, transform, check, load, summarize."""
     cfg.input, cfg.output = normalize_path(cfg.input), normalize_path(cfg.output)
-    r, verdict = Run(cfg, spark, store=open_store(cfg)), None
+    r = Run(cfg, spark, store=open_store(cfg))
     if not cfg.dry_run:
         take_lock(r.store, cfg, r.id)
     try:
@@ -1429,22 +1372,13 @@ def run(cfg: Config, spark) -> int:
         previous = {} if cfg.dry_run else json.loads(r.store.read(MANIFEST) or "{}")
         old_users, old_rejects = read_previous(r, x)
         tables, extras, play_rows = transform(x, old_users, old_rejects, cfg.duration_tolerance)
-        # The checks' query runs while the tables are staged; nothing is published before it passes.
-        verdict = r.pool.submit(check, r, x, tables, play_rows)
-        published = {} if cfg.dry_run else load(r, x, tables, extras, previous, verdict)
-        counts, checks = verdict.result()
-        counts.update({name: t["rows"] for name, t in published.items()})
+        check(r, x, tables, play_rows)
+        published = {} if cfg.dry_run else load(r, x, tables, extras, previous)
+        counts = dict(r.counts, **{name: t["rows"] for name, t in published.items()})
         files = {name: len(t["files"]) for name, t in published.items()}
-        print_summary(r, counts, files, x.counts, checks)
+        print_summary(r, counts, files, x.counts, r.checks)
         return EXIT_OK
-    except BaseException:
-        while verdict and not verdict.done():  # a query not yet submitted when the first cancel came
-            spark.sparkContext.cancelAllJobs()
-            wait_futures([verdict], timeout=0.5)
-        spark.sparkContext.cancelAllJobs()
-        raise
     finally:
-        r.pool.shutdown()
         if r.work:
             shutil.rmtree(r.work, ignore_errors=True)
         if not cfg.dry_run:  # what a run staged is never needed again, published or not
@@ -1507,7 +1441,7 @@ def transform(x: Extracted, old_users, old_rejects, tolerance: float) -> tuple:
     tables = {"songplays": songplays_table(play_rows, records, tolerance), "users": ustate.select(*USER_COLS),
               "songs": songs_table(records), "artists": artists_table(x.songs)}
     tables["time"] = time_table(tables["songplays"])
-    # Computed once, by the checks' query, for the checks and the writes.
+    # Computed once, by the checks' query, then written from memory.
     tables = {name: df.persist(StorageLevel.MEMORY_AND_DISK) for name, df in tables.items()}
     # _rejects/ is written only when there are rejects (an empty file would be one to skip).
     rejects = x.rejects if any(c["rejected"] for c in x.counts.values()) else None
@@ -1516,17 +1450,15 @@ def transform(x: Extracted, old_users, old_rejects, tolerance: float) -> tuple:
     return tables, {"_state/users": ustate, "_rejects": rejects}, play_rows
 
 
-def check(r: Run, x: Extracted, tables: dict, play_rows) -> tuple:
-    """(rows per table, check results); CheckFailed, after the summary, when one fails."""
+def check(r: Run, x: Extracted, tables: dict, play_rows) -> None:
+    """Sets the run's rows per table and check results; CheckFailed, after the summary, when one fails."""
     stats = r.stages.run("build and check", check_stats, tables, play_rows)
-    counts, checks = {name: stats[name]["rows"] for name in TABLES}, run_checks(stats)
-    failed = [c for c in checks if not c.ok]
+    r.counts, r.checks = {name: stats[name]["rows"] for name in TABLES}, run_checks(stats)
+    failed = [c for c in r.checks if not c.ok]
     if failed:
-        print_summary(r, counts, {}, x.counts, checks)
+        print_summary(r, r.counts, {}, x.counts, r.checks)
         raise CheckFailed("quality check failed, nothing published: "
                           + "; ".join(f"{c.name} ({c.detail})" for c in failed))
-    r.counts, r.checks = counts, checks
-    return counts, checks
 
 
 def uploads(r: Run) -> bool:
@@ -1540,9 +1472,8 @@ def workspace(r: Run) -> str:
     return r.work
 
 
-def load(r: Run, x: Extracted, tables: dict, extras: dict, previous: dict, verdict) -> dict:
-    """Stage every table, then, once the checks' verdict has passed, publish; returns the
-    published manifest's tables."""
+def load(r: Run, x: Extracted, tables: dict, extras: dict, previous: dict) -> dict:
+    """Stage every table and publish it; returns the published manifest's tables."""
     cfg = r.cfg
     if uploads(r):
         staged = os.path.join(workspace(r), "output")
@@ -1550,18 +1481,15 @@ def load(r: Run, x: Extracted, tables: dict, extras: dict, previous: dict, verdi
         staged = f"{cfg.output}/_staging/{r.id}"
     staged_store = S3Store(cfg, staged) if is_s3(staged) else LocalStore(staged)
     write_root = spark_url(staged)
-    songs_in, logs_in = x.counts["song_data"]["records"], x.counts["log_data"]["records"]
-    bounds = {"songplays": logs_in, "time": logs_in, "users": logs_in, "songs": songs_in, "artists": songs_in}
-    r.stages.run("write tables", write_all, tables, extras, write_root, bounds, r.stages)
-    verdict.result()  # CheckFailed: nothing is published
+    r.stages.run("write tables", write_all, tables, extras, write_root, r.counts, r.stages)
     partition_rows = {name: {f"year={row['year']}/month={row['month']}": row["count"]
                              for row in tables[name].groupBy("year", "month").count().collect()}
                       for name in MONTHLY_TABLES}
     manifest = {
         "run_id": r.id, "started": r.started, "mode": "incremental" if cfg.months else "full",
         "months": cfg.months, "output": cfg.output,
-        "input": {"path": cfg.input, **{name: {"files": len(files), "fingerprint": fingerprint(files)}
-                                        for name, files in x.files.items()}},
+        "input": {"path": cfg.input, **{name: {"files": len(files), "fingerprint": hashlib.sha256(
+            "".join(f + "\n" for f in sorted(files)).encode("utf-8")).hexdigest()} for name, files in x.files.items()}},
         "options": {"duration_tolerance": cfg.duration_tolerance, "max_bad_fraction": cfg.max_bad_fraction},
         "rejects": x.counts, "rows": dict(r.counts),
         "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in r.checks],
@@ -1570,13 +1498,6 @@ def load(r: Run, x: Extracted, tables: dict, extras: dict, previous: dict, verdi
     final = r.stages.run("publish", publish, r.store, staged_store, staged, manifest, previous, cfg.months,
                          partition_rows)
     return final["tables"]
-
-
-def fingerprint(files: Iterable[str]) -> str:
-    h = hashlib.sha256()
-    for f in sorted(files):
-        h.update(f.encode("utf-8") + b"\n")
-    return h.hexdigest()
 
 
 def print_summary(r: Run, counts: dict, files: dict, rejects: dict, checks: list, out=None) -> None:

@@ -122,6 +122,18 @@ def sample_lake(spark, tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def analytics_cli(sample_lake, tmp_path_factory):
+    """`analytics.py --lake <sample lake> --charts DIR` as a user runs it: (its result, DIR)."""
+    import subprocess
+
+    charts = tmp_path_factory.mktemp("charts") / "charts"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "analytics.py"), "--lake", sample_lake,
+                        "--charts", str(charts)], env=dict(os.environ, SPARK_LOCAL_IP="127.0.0.1"),
+                       capture_output=True, text=True, timeout=300, check=False)
+    return r, charts
+
+
 def read_tables(spark, out):
     return {t: spark.read.parquet(os.path.join(str(out), t)) for t in etl.TABLES}
 

@@ -9,11 +9,9 @@ import io
 import json
 import os
 import struct
-import subprocess
-import sys
 
 import pytest
-from conftest import ROOT, SAMPLE, job_lines
+from conftest import SAMPLE, job_lines
 
 import analytics
 
@@ -161,12 +159,8 @@ def _png_size(path: str) -> tuple:
     return struct.unpack(">II", head[16:24])
 
 
-def test_cli_prints_every_query_and_writes_charts(sample_lake, tmp_path):
-    env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1")
-    charts = tmp_path / "charts"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "analytics.py"), "--lake", sample_lake,
-                        "--charts", str(charts)], env=env, capture_output=True, text=True,
-                       timeout=300, check=False)
+def test_cli_prints_every_query_and_writes_charts(analytics_cli):
+    r, charts = analytics_cli
     assert r.returncode == 0, r.stderr
     for q in analytics.load_queries().values():
         assert f"== {q.title}" in r.stdout, q.name

@@ -39,7 +39,7 @@ def test_readme_s3_walkthrough_runs_as_written(tmp_path):
 INTERNAL = re.compile(r"SPEC|§|\.\./shared|\b[Ss]tops? \d+\b|[Ii]ssue #?\d+|\bsession \d+\b|\bphase \d+\b")
 
 
-def test_nothing_a_user_reads_speaks_of_how_the_project_was_built(sample_lake):
+def test_nothing_a_user_reads_speaks_of_how_the_project_was_built(analytics_cli):
     texts = {}
     for name in ("README.md", "bench/PERFORMANCE.md", "dl.cfg", *[f"queries/{q}" for q in
                                                                    os.listdir(os.path.join(ROOT, "queries"))]):
@@ -49,9 +49,7 @@ def test_nothing_a_user_reads_speaks_of_how_the_project_was_built(sample_lake):
         r = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True,
                            text=True, timeout=120, check=False)
         texts[f"{script} --help"] = r.stdout
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "analytics.py"), "--lake", sample_lake],
-                       capture_output=True, text=True, timeout=300, check=False,
-                       env=dict(os.environ, SPARK_LOCAL_IP="127.0.0.1"))
+    r, _ = analytics_cli
     assert r.returncode == 0, r.stderr
     texts["analytics.py output"] = r.stdout
     found = {name: INTERNAL.findall(text) for name, text in texts.items()}

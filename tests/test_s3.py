@@ -159,15 +159,46 @@ def s3_lake(spark, s3, sample_bucket):
     return prefix
 
 
-def test_s3_run_gives_the_same_tables_as_the_local_run(spark, s3, sample_bucket, s3_lake, sample_lake, tmp_path):
-    local = download_lake(s3, sample_bucket, s3_lake, tmp_path / "copy")
+@pytest.fixture(scope="module")
+def flaky_lake(spark, s3, sample_bucket):
+    """A run from and to S3 through a server that answers 503 Slow Down to a fifth of first tries,
+    with SSE-S3 and a canned ACL asked for: (its output prefix, the requests the server saw)."""
+    with s3server.FlakyS3(s3.endpoint, every=5) as proxy:
+        prefix = f"flaky-{uuid.uuid4().hex[:8]}"
+        cfg = s3_cfg(s3, sample_bucket, prefix, "--sse", "AES256", "--acl", "bucket-owner-full-control",
+                     endpoint=proxy.endpoint)
+        assert etl.run(cfg, spark) == 0
+    return prefix, proxy
+
+
+def test_s3_run_gives_the_same_tables_as_the_local_run_through_slow_downs(spark, s3, sample_bucket, flaky_lake,
+                                                                         sample_lake, tmp_path):
+    prefix, proxy = flaky_lake
+    refused = [r for r in proxy.requests if r[2]]
+    assert len(refused) > 30 and {m for m, *_ in refused} >= {"GET", "PUT"}
+    local = download_lake(s3, sample_bucket, prefix, tmp_path / "copy")
     assert table_rows(spark, local) == table_rows(spark, sample_lake)
-    manifest = manifest_of(s3, sample_bucket, s3_lake)
+    manifest = manifest_of(s3, sample_bucket, prefix)
     assert manifest["tables"]["songs"]["rows"] == 71
-    assert set(objects(s3, sample_bucket, s3_lake)) == published_keys(manifest, s3_lake) | {
-        f"{s3_lake}/_state/users/{f}" for f in os.listdir(tmp_path / "copy" / "_state" / "users")}
-    dirs = {k.rsplit("/", 1)[0] for k in objects(s3, sample_bucket, f"{s3_lake}/songs")}
+    assert set(objects(s3, sample_bucket, prefix)) == published_keys(manifest, prefix) | {
+        f"{prefix}/_state/users/{f}" for f in os.listdir(tmp_path / "copy" / "_state" / "users")}
+    dirs = {k.rsplit("/", 1)[0] for k in objects(s3, sample_bucket, f"{prefix}/songs")}
     assert len(dirs) == 69 == len(manifest["tables"]["songs"]["files"])  # one file per directory
+
+
+def test_every_object_is_written_with_a_checksum_the_encryption_and_the_acl_asked_for(s3, sample_bucket,
+                                                                                      flaky_lake):
+    prefix, proxy = flaky_lake
+    puts = [(path, h, body) for method, path, h, body in proxy.sent if method == "PUT"]
+    assert len(puts) > 73
+    for path, headers, body in puts:
+        assert headers.get("x-amz-server-side-encryption") == "AES256", path
+        assert headers.get("x-amz-acl") == "bucket-owner-full-control", path
+        assert headers.get("content-md5") == base64.b64encode(hashlib.md5(body).digest()).decode(), path
+    client = s3.client()
+    keys = objects(s3, sample_bucket, prefix)
+    assert [k for k in keys if client.head_object(Bucket=sample_bucket, Key=k).get("ServerSideEncryption")
+            != "AES256"] == []
 
 
 def test_cli_on_s3_keeps_the_secret_out_of_logs_and_files(s3, sample_bucket, tmp_path):
@@ -239,9 +270,10 @@ def test_a_working_folder_without_room_is_named_with_the_option_that_moves_it(sp
     assert list(work.iterdir()) == []
 
 
-def test_failed_check_on_s3_uploads_nothing_and_leaves_no_working_folder(spark, s3, sample_bucket, s3_lake,
+def test_failed_check_on_s3_uploads_nothing_and_leaves_no_working_folder(spark, s3, sample_bucket, flaky_lake,
                                                                           monkeypatch, tmp_path):
-    before = objects(s3, sample_bucket, s3_lake)
+    lake = flaky_lake[0]
+    before = objects(s3, sample_bucket, lake)
     real_state = etl.users_state
 
     def with_duplicate(events, previous_state=None):
@@ -250,8 +282,8 @@ def test_failed_check_on_s3_uploads_nothing_and_leaves_no_working_folder(spark, 
 
     monkeypatch.setattr(etl, "users_state", with_duplicate)
     with pytest.raises(etl.CheckFailed, match="users.user_id unique"):
-        etl.run(s3_cfg(s3, sample_bucket, s3_lake, "--work-dir", str(tmp_path)), spark)
-    assert objects(s3, sample_bucket, s3_lake) == before  # nothing uploaded, nothing deleted, no lock left
+        etl.run(s3_cfg(s3, sample_bucket, lake, "--work-dir", str(tmp_path)), spark)
+    assert objects(s3, sample_bucket, lake) == before  # nothing uploaded, nothing deleted, no lock left
     assert list(tmp_path.iterdir()) == []
 
 
@@ -355,35 +387,6 @@ def test_two_cli_runs_on_one_s3_output_one_publishes(s3, sample_bucket):
 # ---- what goes over the wire: retries, checksums, encryption, ACL
 
 
-def test_a_server_answering_slow_down_to_a_fifth_of_first_tries_gives_the_same_tables(
-        spark, s3, sample_bucket, sample_lake, tmp_path):
-    with s3server.FlakyS3(s3.endpoint, every=5) as proxy:
-        prefix = f"flaky-{uuid.uuid4().hex[:8]}"
-        assert etl.run(s3_cfg(s3, sample_bucket, prefix, endpoint=proxy.endpoint), spark) == 0
-    refused = [r for r in proxy.requests if r[2]]
-    assert len(refused) > 30 and {m for m, *_ in refused} >= {"GET", "PUT"}
-    assert table_rows(spark, download_lake(s3, sample_bucket, prefix, tmp_path / "copy")) == \
-        table_rows(spark, sample_lake)
-
-
-def test_every_object_is_written_with_a_checksum_the_encryption_and_the_acl_asked_for(spark, s3, sample_bucket):
-    with s3server.FlakyS3(s3.endpoint, every=0) as proxy:
-        prefix = f"sse-{uuid.uuid4().hex[:8]}"
-        cfg = s3_cfg(s3, sample_bucket, prefix, "--sse", "AES256", "--acl", "bucket-owner-full-control",
-                     endpoint=proxy.endpoint)
-        assert etl.run(cfg, spark) == 0
-    puts = [(path, h, body) for method, path, h, body in proxy.sent if method == "PUT"]
-    assert len(puts) > 73
-    for path, headers, body in puts:
-        assert headers.get("x-amz-server-side-encryption") == "AES256", path
-        assert headers.get("x-amz-acl") == "bucket-owner-full-control", path
-        assert headers.get("content-md5") == base64.b64encode(hashlib.md5(body).digest()).decode(), path
-    client = s3.client()
-    keys = objects(s3, sample_bucket, prefix)
-    assert [k for k in keys if client.head_object(Bucket=sample_bucket, Key=k).get("ServerSideEncryption")
-            != "AES256"] == []
-
-
 def test_sse_kms_and_its_key_are_asked_for_on_every_write(s3, sample_bucket, tmp_path):
     # The S3 server here has no KMS: it refuses the first write, and the run says so in one line.
     with s3server.FlakyS3(s3.endpoint, every=0) as proxy:
@@ -400,12 +403,12 @@ def test_sse_kms_and_its_key_are_asked_for_on_every_write(s3, sample_bucket, tmp
 # ---- analytics on a lake on S3
 
 
-def test_analytics_reads_a_lake_on_s3(spark, s3, sample_bucket, s3_lake, sample_lake, monkeypatch):
+def test_analytics_reads_a_lake_on_s3(spark, s3, sample_bucket, flaky_lake, sample_lake, monkeypatch):
     import analytics
 
     for key, value in s3.env().items():
         monkeypatch.setenv(key, value)
-    on_s3 = analytics.run_queries(spark, f"s3://{sample_bucket}/{s3_lake}")
+    on_s3 = analytics.run_queries(spark, f"s3://{sample_bucket}/{flaky_lake[0]}")
     assert on_s3 == analytics.run_queries(spark, sample_lake)
 
 
