@@ -500,11 +500,13 @@ def local_fs_classes() -> str | None:
 
 
 SPARK_LOG_LEVELS = {"DEBUG": "info", "INFO": "warn", "WARNING": "error", "ERROR": "error"}
-# Loggers that warn on every local run of things a user cannot act on.
+# Loggers that warn, on local runs, of things a user cannot act on.
 QUIET_LOGGERS = ("org.apache.hadoop.util.NativeCodeLoader", "org.apache.spark.util.Utils",
                  "org.apache.hadoop.metrics2.impl.MetricsConfig",
                  "org.apache.spark.sql.catalyst.util.SparkStringUtils",
-                 "org.apache.spark.network.util.JavaUtils")
+                 "org.apache.spark.network.util.JavaUtils",
+                 # its heartbeat can race the session's stop and warn of it
+                 "org.apache.spark.executor.Executor")
 
 
 def log4j2_file(level: str) -> str:

@@ -31,7 +31,7 @@ def spark():
                .config("spark.sql.shuffle.partitions", "2")
                .config("spark.ui.enabled", "false")
                .config("spark.sql.ansi.enabled", "true"))
-    for key, value in etl.spark_settings().items():
+    for key, value in etl.spark_settings(small=True).items():  # as `python etl.py` runs a small input
         builder = builder.config(key, value)
     # The job's local file system, as `python etl.py` uses it (where a JDK can build it).
     classes = etl.local_fs_classes()
@@ -123,6 +123,14 @@ def sample_lake(spark, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sample_answers(spark, sample_lake):
+    """Every query's answer on the sample lake: {name: (columns, rows)}."""
+    import analytics
+
+    return analytics.run_queries(spark, sample_lake)
+
+
+@pytest.fixture(scope="session")
 def analytics_cli(sample_lake, tmp_path_factory):
     """`analytics.py --lake <sample lake> --charts DIR` as a user runs it: (its result, DIR)."""
     import subprocess
@@ -176,6 +184,14 @@ def two_months(tmp_path_factory):
         (target / f"2018-{month}-{day:02d}-events.json").write_text(
             "".join(json.dumps(e) + "\n" for e in events))
     return inp
+
+
+@pytest.fixture(scope="session")
+def two_months_lake(spark, two_months, tmp_path_factory):
+    """One full run over two_months; tests only read it."""
+    out = tmp_path_factory.mktemp("two-lake") / "lake"
+    assert run_job(spark, two_months, out) == 0
+    return out
 
 
 def manifest_rows(out):

@@ -107,7 +107,7 @@ def parquet_codecs_and_encodings(spark, path: str) -> tuple:
 
 def test_songs_files_are_plain_and_uncompressed_the_other_tables_snappy(spark, sample_lake):
     # songs: a row or two per file, written without a dictionary or a compressor
-    for path in glob.glob(os.path.join(sample_lake, "songs", "year=*", "artist_id=*", "*.parquet")):
+    for path in sorted(glob.glob(os.path.join(sample_lake, "songs", "year=*", "artist_id=*", "*.parquet")))[:5]:
         codecs, encodings = parquet_codecs_and_encodings(spark, path)
         assert codecs == {"UNCOMPRESSED"}, path
         assert not encodings & {"PLAIN_DICTIONARY", "RLE_DICTIONARY"}, path
