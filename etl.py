@@ -113,7 +113,10 @@ def month_arg(value: str) -> str:
 def number_arg(what: str, upper: float):
     """An argparse type: a finite number from 0 to upper."""
     def parse(value: str) -> float:
-        f = float(value) if re.fullmatch(r"\s*[0-9.eE+-]+\s*", value) else -1.0
+        try:
+            f = float(value)
+        except ValueError:
+            f = -1.0
         if not (0.0 <= f <= upper and f != float("inf")):
             raise argparse.ArgumentTypeError(f"{value!r} is not {what}")
         return f
