@@ -1394,7 +1394,7 @@ def run(cfg: Config, spark) -> int:
         published = {} if cfg.dry_run else load(r, x, tables, extras, previous)
         counts = dict(r.counts, **{name: t["rows"] for name, t in published.items()})
         files = {name: len(t["files"]) for name, t in published.items()}
-        print_summary(r, counts, files, x.counts, r.checks)
+        print_summary(r, counts, files, x.counts)
         return EXIT_OK
     finally:
         if r.work:
@@ -1474,7 +1474,7 @@ def check(r: Run, x: Extracted, tables: dict, play_rows) -> None:
     r.counts, r.checks = {name: stats[name]["rows"] for name in TABLES}, run_checks(stats)
     failed = [c for c in r.checks if not c.ok]
     if failed:
-        print_summary(r, r.counts, {}, x.counts, r.checks)
+        print_summary(r, r.counts, {}, x.counts)
         raise CheckFailed("quality check failed, nothing published: "
                           + "; ".join(f"{c.name} ({c.detail})" for c in failed))
 
@@ -1518,8 +1518,8 @@ def load(r: Run, x: Extracted, tables: dict, extras: dict, previous: dict) -> di
     return final["tables"]
 
 
-def print_summary(r: Run, counts: dict, files: dict, rejects: dict, checks: list, out=None) -> None:
-    cfg, seconds = r.cfg, r.stages.seconds
+def print_summary(r: Run, counts: dict, files: dict, rejects: dict) -> None:
+    cfg, seconds, checks = r.cfg, r.stages.seconds, r.checks
     passed = sum(c.ok for c in checks)
     lines = [f"Sparkify ETL run {r.id}{'  (dry run: nothing written)' if cfg.dry_run else ''}",
              f"  input  {cfg.input}",
@@ -1534,7 +1534,7 @@ def print_summary(r: Run, counts: dict, files: dict, rejects: dict, checks: list
     lines.append(f"  checks: {passed} of {len(checks)} passed"
                  + "".join(f"\n    FAILED {c.name}: {c.detail}" for c in checks if not c.ok))
     lines.append(f"  total {r.stages.elapsed():.1f}s")
-    print("\n".join(lines), file=out or sys.stdout, flush=True)
+    print("\n".join(lines), flush=True)
 
 
 # ==== Command line ====

@@ -104,9 +104,6 @@ def test_helpers_fail_in_one_line_on_bad_name_bad_credentials_and_dead_endpoint(
         assert r.stderr.strip().count("\n") == 0, r.stderr
 
 
-# ---- etl.py on s3a://
-
-
 # ---- etl.py on s3:// from a local session: copy in, compute locally, upload, publish
 
 
